@@ -1,0 +1,1 @@
+"""vtl: transfer learning from Keras VGG weights in JAX/Flax, with a cached trunk."""

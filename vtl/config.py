@@ -1,0 +1,109 @@
+"""Experiments: Python files whose `get_config()` returns the config, plus overrides.
+
+An override `train.epochs=5` changes one dotted field; its text is read as the type
+the field already has, so a typo or a wrong type stops the run before any work.
+"""
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def load_experiment(path: str | Path) -> ml_collections.ConfigDict:
+    """Import an experiment file and return its `get_config()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path}: an experiment must define get_config()")
+    return module.get_config()
+
+
+def parse_value(text: str, current, field: str):
+    """Read `text` as the type of the field's current value."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"override {field}: expected true or false, got {text!r}")
+        return lowered in ("true", "1", "yes")
+    if isinstance(current, (int, float)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"override {field}: expected a number, got {text!r}")
+        if isinstance(current, int) and not float(value).is_integer():
+            raise ValueError(f"override {field}: expected a whole number, got {text!r}")
+        return type(current)(value)
+    if isinstance(current, (tuple, list)):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        return type(current)(items)
+    return text
+
+
+def override(config: ml_collections.ConfigDict, assignment: str) -> None:
+    """Apply one `dotted.field=value` to `config`, refusing unknown fields."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r}: expected dotted.field=value")
+    field, text = assignment.split("=", 1)
+    *parents, leaf = field.strip().split(".")
+
+    node = config
+    for depth, part in enumerate(parents):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            known = sorted(node.keys())
+            where = ".".join(parents[:depth]) or "the config"
+            raise KeyError(f"override {field}: {where} has no section {part!r}; "
+                           f"it has {known}")
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(f"override {field}: no field {leaf!r} here; fields are "
+                       f"{sorted(node.keys())}")
+    node[leaf] = parse_value(text, node[leaf], field)
+
+
+def resolve(path: str | Path, overrides: list[str]) -> ml_collections.ConfigDict:
+    """The experiment's config with every override applied."""
+    config = load_experiment(path)
+    for assignment in overrides:
+        override(config, assignment)
+    return config
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every field vtl reads, with the Keras recipe's values where it has them."""
+    config = ml_collections.ConfigDict()
+    config.workdir = "runs/default"
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.root = ""
+    config.data.test_fraction = 0.1
+    config.data.image_size = 224
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vgg19"
+    # "imagenet" (the Keras cache file), "none" (random) or the path of a weights file.
+    config.model.weights = "imagenet"
+    config.model.width = 1.0
+    config.model.cut = "block5_pool"
+    # fc1 and fc2: "auto" loads them when the file has them, "file" requires them,
+    # "fresh" always initialises them anew.
+    config.model.fc_weights = "auto"
+
+    config.features = ml_collections.ConfigDict()
+    config.features.dir = "~/.cache/vtl/features"
+    config.features.batch_size = 32
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 100
+    config.train.batch_size = 32
+    config.train.optimizer = "rmsprop"
+    config.train.learning_rate = 1e-4
+    return config

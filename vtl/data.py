@@ -1,0 +1,185 @@
+"""Class-folder datasets: discovery, seeded splits, decoding and VGG preprocessing.
+
+Images are decoded from their bytes, whatever their file name says, and always come
+out as 3 channels in RGB order before `preprocess` turns them into what VGG expects.
+"""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# keras.applications.vgg19.preprocess_input ("caffe" mode): BGR order, the ImageNet
+# mean of each channel subtracted, no scaling. The converted weights expect exactly it.
+IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+PREPROCESSING = "caffe: RGB to BGR, minus ImageNet mean [103.939, 116.779, 123.68]"
+
+
+class ImageError(ValueError):
+    """An image file that cannot be turned into pixels."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Every image of a run, its label, and which ones are held out for testing.
+
+    `files` are relative to `root` and sorted, so the same folder always gives the same
+    order; `train` and `test` index into them.
+    """
+
+    root: Path
+    classes: list[str]
+    files: list[str]
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+
+    def paths(self) -> list[Path]:
+        return [self.root / f for f in self.files]
+
+    def split_record(self) -> dict:
+        return {
+            "root": str(self.root),
+            "train": [self.files[i] for i in self.train],
+            "test": [self.files[i] for i in self.test],
+        }
+
+
+def is_hidden(path: Path) -> bool:
+    # Covers .DS_Store, .ipynb_checkpoints/ and the ._name.jpg files macOS leaves.
+    return path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, by suffix (any case), hidden ones skipped."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def list_class_folders(root: Path) -> list[Path]:
+    """Class folders of `root` in the documented order: sorted by name, as Keras does."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p))
+    if not folders:
+        raise ValueError(f"data.root: {root} has no class folders; expected ROOT/<class>/<image>")
+    return folders
+
+
+def scan(root: Path, classes: list[str] | None = None):
+    """Relative image paths and labels under `root`; an empty class is an error."""
+    folders = list_class_folders(root)
+    names = [f.name for f in folders]
+    if classes is not None and names != classes:
+        raise ValueError(f"{root}: class folders {names} differ from the training classes {classes}")
+
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        images = list_images(folder)
+        if not images:
+            raise ValueError(f"{folder}: class folder {folder.name!r} holds no images "
+                             f"(looked for {sorted(IMAGE_SUFFIXES)})")
+        files += [str(p.relative_to(root)) for p in images]
+        labels += [label] * len(images)
+    return names, files, labels
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
+    """Seeded split that holds out `test_fraction` of every class (at least one)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(len(members) * test_fraction))
+        if test_fraction > 0 and len(members) > 1:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        test += members[:n_test].tolist()
+        train += members[n_test:].tolist()
+    return np.sort(np.array(train, int)), np.sort(np.array(test, int))
+
+
+def load_folder_dataset(root: str | Path, test_fraction: float = 0.1, seed: int = 0):
+    """`ROOT/<class>/<image>` split by seed, or `ROOT/train` with `ROOT/test` as given."""
+    root = Path(root).expanduser().resolve()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes, train_files, train_labels = scan(root / "train")
+        _, test_files, test_labels = scan(root / "test", classes)
+        files = [f"train/{f}" for f in train_files] + [f"test/{f}" for f in test_files]
+        labels = np.array(train_labels + test_labels, int)
+        train = np.arange(len(train_files))
+        test = np.arange(len(train_files), len(files))
+    else:
+        classes, files, labels = scan(root)
+        labels = np.array(labels, int)
+        train, test = stratified_split(labels, test_fraction, seed)
+
+    log.info("data: %d images in %d classes %s, %d train / %d test",
+             len(files), len(classes), classes, len(train), len(test))
+    return Dataset(root, classes, files, labels, train, test)
+
+
+def save_split(dataset: Dataset, path: Path) -> None:
+    path.write_text(json.dumps(dataset.split_record(), indent=1))
+
+
+def decode(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Bytes of a JPEG, PNG, … -> float32 RGB in [0, 255], scaled by the real bit depth.
+
+    Transparent pixels are composited over white; gray is repeated into 3 channels.
+    """
+    if not data:
+        raise ImageError(f"{source}: file is empty (0 bytes)")
+
+    # PNGs keep their alpha and 16-bit depth only when read unchanged; JPEGs are read
+    # as colour so that OpenCV applies their EXIF orientation.
+    png = data.startswith(PNG_SIGNATURE)
+    flags = cv2.IMREAD_UNCHANGED if png else cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None:
+        raise ImageError(f"{source}: not a readable image (OpenCV could not decode "
+                         f"{len(data)} bytes starting {data[:8]!r})")
+
+    scale = 255.0 / np.iinfo(image.dtype).max if image.dtype.kind == "u" else 1.0
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    image = image.astype(np.float32) * scale
+
+    if image.shape[2] == 4:
+        alpha = image[:, :, 3:] / 255.0
+        image = image[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Stretch to size×size, as Keras's `target_size` does, with area averaging."""
+    if image.shape[:2] == (size, size):
+        return image
+    shrinking = image.shape[0] > size and image.shape[1] > size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def preprocess(rgb: np.ndarray) -> np.ndarray:
+    """RGB in [0, 255] -> what Keras's VGG preprocess_input returns."""
+    return rgb[..., ::-1] - IMAGENET_MEAN_BGR
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """One file, ready for the trunk: size×size×3, preprocessed, float32."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageError(f"{path}: cannot be read ({error.strerror})") from None
+    return preprocess(resize(decode(data, str(path)), size)).astype(np.float32)
