@@ -16,8 +16,9 @@ DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--shared", default=os.environ.get("VTL_SHARED", str(DEFAULT_SHARED)),
-        help="folder with data/vehicles4 and weights/ (default: $VTL_SHARED or ../shared)",
+        "--shared",
+        default=os.environ.get("VTL_SHARED", str(DEFAULT_SHARED)),
+        help="folder with data/ and weights/ (default: $VTL_SHARED or ../shared)",
     )
 
 

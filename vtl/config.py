@@ -59,12 +59,15 @@ def override(config: ml_collections.ConfigDict, assignment: str) -> None:
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
             known = sorted(node.keys())
             where = ".".join(parents[:depth]) or "the config"
-            raise KeyError(f"override {field}: {where} has no section {part!r}; "
-                           f"it has {known}")
+            raise KeyError(
+                f"override {field}: {where} has no section {part!r}; it has {known}"
+            )
         node = node[part]
     if leaf not in node:
-        raise KeyError(f"override {field}: no field {leaf!r} here; fields are "
-                       f"{sorted(node.keys())}")
+        raise KeyError(
+            f"override {field}: no field {leaf!r} here; fields are "
+            f"{sorted(node.keys())}"
+        )
     node[leaf] = parse_value(text, node[leaf], field)
 
 
@@ -106,4 +109,6 @@ def defaults() -> ml_collections.ConfigDict:
     config.train.batch_size = 32
     config.train.optimizer = "rmsprop"
     config.train.learning_rate = 1e-4
+    # Dropout after fc1 and fc2, as VGG was trained on ImageNet; 0 turns it off.
+    config.train.dropout = 0.5
     return config

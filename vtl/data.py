@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 
 # keras.applications.vgg19.preprocess_input ("caffe" mode): BGR order, the ImageNet
 # mean of each channel subtracted, no scaling. The converted weights expect exactly it.
@@ -31,8 +32,10 @@ class ImageError(ValueError):
 class Dataset:
     """Every image of a run, its label, and which ones are held out for testing.
 
-    `files` are relative to `root` and sorted, so the same folder always gives the same
-    order; `train` and `test` index into them.
+    `files` are relative to `root`, grouped by class in the order of `classes` and
+    sorted by file name within a class (with `ROOT/train` and `ROOT/test`, all the
+    training files come first), so the same folder always gives the same order;
+    `train` and `test` index into them.
     """
 
     root: Path
@@ -59,43 +62,68 @@ def is_hidden(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, by suffix (any case), hidden ones skipped."""
+    """Image files directly in `folder`, by suffix (any case), hidden ones skipped."""
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
 def list_class_folders(root: Path) -> list[Path]:
-    """Class folders of `root` in the documented order: sorted by name, as Keras does."""
+    """Non-hidden folders of `root`, sorted by name as Keras does.
+
+    The sort is by code point, so upper case comes before lower case:
+    ['Bus', 'Car', 'Truck', 'motorcycle']. A class's label is its index in this order.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: {root} is not a folder")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p))
     if not folders:
-        raise ValueError(f"data.root: {root} has no class folders; expected ROOT/<class>/<image>")
+        raise ValueError(
+            f"data.root: {root} has no class folders; expected ROOT/<class>/<image>"
+        )
     return folders
 
 
 def scan(root: Path, classes: list[str] | None = None):
-    """Relative image paths and labels under `root`; an empty class is an error."""
+    """Relative image paths and labels under `root`; an empty class is an error.
+
+    With `classes` given, the class folders must be exactly those (as for ROOT/test).
+    """
     folders = list_class_folders(root)
     names = [f.name for f in folders]
     if classes is not None and names != classes:
-        raise ValueError(f"{root}: class folders {names} differ from the training classes {classes}")
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        raise ValueError(
+            f"{root}: class folders differ from the training classes "
+            f"{classes}: missing {missing}, extra {extra}"
+        )
 
     files, labels = [], []
     for label, folder in enumerate(folders):
         images = list_images(folder)
         if not images:
-            raise ValueError(f"{folder}: class folder {folder.name!r} holds no images "
-                             f"(looked for {sorted(IMAGE_SUFFIXES)})")
+            raise ValueError(
+                f"{folder}: class folder {folder.name!r} holds no images "
+                f"(looked for {sorted(IMAGE_SUFFIXES)})"
+            )
         files += [str(p.relative_to(root)) for p in images]
         labels += [label] * len(images)
     return names, files, labels
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
-    """Seeded split that holds out `test_fraction` of every class (at least one)."""
+    """Seeded split that holds out `test_fraction` of every class (at least one).
+
+    A class of one image stays in training. Returns sorted train and test indices.
+    """
+    if not 0 <= test_fraction < 1:
+        raise ValueError(
+            f"data.test_fraction: expected a fraction in [0, 1), found {test_fraction}"
+        )
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label in np.unique(labels):
@@ -109,7 +137,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
 
 
 def load_folder_dataset(root: str | Path, test_fraction: float = 0.1, seed: int = 0):
-    """`ROOT/<class>/<image>` split by seed, or `ROOT/train` with `ROOT/test` as given."""
+    """`ROOT/<class>/<image>` split by seed, or `ROOT/train` and `ROOT/test` as is."""
     root = Path(root).expanduser().resolve()
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes, train_files, train_labels = scan(root / "train")
@@ -123,43 +151,80 @@ def load_folder_dataset(root: str | Path, test_fraction: float = 0.1, seed: int 
         labels = np.array(labels, int)
         train, test = stratified_split(labels, test_fraction, seed)
 
-    log.info("data: %d images in %d classes %s, %d train / %d test",
-             len(files), len(classes), classes, len(train), len(test))
+    log.info(
+        "data: %d images in %d classes %s, %d train / %d test",
+        len(files),
+        len(classes),
+        classes,
+        len(train),
+        len(test),
+    )
     return Dataset(root, classes, files, labels, train, test)
 
 
 def save_split(dataset: Dataset, path: Path) -> None:
+    """Write which files were trained on and which were held out, as JSON."""
     path.write_text(json.dumps(dataset.split_record(), indent=1))
 
 
-def decode(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Bytes of a JPEG, PNG, … -> float32 RGB in [0, 255], scaled by the real bit depth.
+def may_have_alpha(data: bytes) -> bool:
+    """Whether the bytes are a PNG, WebP or TIFF: formats that can carry alpha."""
+    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return webp or data.startswith((PNG_SIGNATURE, *TIFF_SIGNATURES))
 
-    Transparent pixels are composited over white; gray is repeated into 3 channels.
+
+def decode(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Bytes of a JPEG, PNG, … -> float32 RGB in [0, 255], scaled by their bit depth.
+
+    The format is told by content, not by file name. Transparent pixels are composited
+    over white; gray is repeated into 3 channels.
     """
     if not data:
         raise ImageError(f"{source}: file is empty (0 bytes)")
 
-    # PNGs keep their alpha and 16-bit depth only when read unchanged; JPEGs are read
-    # as colour so that OpenCV applies their EXIF orientation.
-    png = data.startswith(PNG_SIGNATURE)
-    flags = cv2.IMREAD_UNCHANGED if png else cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    # Formats that can carry alpha are read unchanged, which also keeps 16-bit depth;
+    # the rest (JPEG above all) as colour, so that OpenCV applies EXIF orientation.
+    # NOTE: reading unchanged skips the orientation of PNG and WebP; those rarely
+    # have one, and dropping their alpha would turn transparent areas black.
+    if may_have_alpha(data):
+        flags = cv2.IMREAD_UNCHANGED
+    else:
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as error:
+        message = f"{source}: OpenCV failed to decode it ({error.err})"
+        raise ImageError(message) from None
     if image is None:
-        raise ImageError(f"{source}: not a readable image (OpenCV could not decode "
-                         f"{len(data)} bytes starting {data[:8]!r})")
+        raise ImageError(
+            f"{source}: not a readable image (OpenCV could not decode "
+            f"{len(data)} bytes starting {data[:8]!r})"
+        )
+    return np.ascontiguousarray(to_rgb(to_float(image), source))
 
-    scale = 255.0 / np.iinfo(image.dtype).max if image.dtype.kind == "u" else 1.0
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """Unsigned pixels -> float32 in [0, 255]; other types are taken as they are."""
+    # Multiplying before dividing keeps 16-bit multiples of 257 exact (257 * k -> k).
+    if image.dtype.kind != "u":
+        return image.astype(np.float32)
+    return image.astype(np.float32) * 255.0 / np.iinfo(image.dtype).max
+
+
+def to_rgb(image: np.ndarray, source: str) -> np.ndarray:
+    """OpenCV's gray, gray+alpha, BGR or BGRA -> RGB, alpha composited over white."""
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    image = image.astype(np.float32) * scale
+    channels = image.shape[2]
+    if channels not in (1, 2, 3, 4):
+        raise ImageError(f"{source}: expected 1 to 4 channels, found {channels}")
+    if channels <= 2:
+        image = np.concatenate([image[:, :, :1]] * 3 + [image[:, :, 1:]], axis=2)
 
     if image.shape[2] == 4:
         alpha = image[:, :, 3:] / 255.0
         image = image[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
-    return np.ascontiguousarray(image[:, :, ::-1])
+    return image[:, :, ::-1]
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -66,6 +66,7 @@ def batch_loader(paths: list[Path], size: int, batch_size: int):
     Files that cannot be decoded are named in the log and come back as zeros with
     valid=False; the last batch is padded the same way, so every batch has one shape.
     """
+
     def load(path):
         try:
             return data.load_image(path, size)
@@ -111,15 +112,19 @@ def compute(folder: Path, apply_fn, params, paths, cuts, size: int, batch_size: 
     shapes = jax.eval_shape(apply_fn, params, example)
     outputs = {
         cut: np.lib.format.open_memmap(
-            folder / f"{cut}.npy", "w+", np.float32, (len(paths),) + shapes[cut].shape[1:]
+            folder / f"{cut}.npy",
+            "w+",
+            np.float32,
+            (len(paths),) + shapes[cut].shape[1:],
         )
         for cut in cuts
     }
     valid = np.zeros(len(paths), bool)
 
     progress = tqdm(total=len(paths), desc="trunk pass", unit="img", smoothing=0.1)
-    for start, (images, ok) in zip(range(0, len(paths), batch_size),
-                                   batch_loader(paths, size, batch_size)):
+    for start, (images, ok) in zip(
+        range(0, len(paths), batch_size), batch_loader(paths, size, batch_size)
+    ):
         result = step(params, jax.device_put(images, sharded))
         count = min(batch_size, len(paths) - start)
         for cut in cuts:
@@ -142,20 +147,33 @@ def load(folder: Path, cuts):
         arrays = {cut: np.load(folder / f"{cut}.npy", mmap_mode="r") for cut in cuts}
     except (OSError, ValueError, KeyError) as error:
         if folder.exists():
-            log.warning("feature store %s is unreadable (%s); computing it again", folder, error)
+            log.warning(
+                "feature store %s is unreadable (%s); computing it again", folder, error
+            )
         return None
 
     shapes_match = all(
-        list(arrays[cut].shape) == [record["count"]] + record["shapes"][cut] for cut in cuts
+        list(arrays[cut].shape) == [record["count"]] + record["shapes"][cut]
+        for cut in cuts
     )
     if not shapes_match or len(valid) != record["count"]:
-        log.warning("feature store %s does not match its record; computing it again", folder)
+        log.warning(
+            "feature store %s does not match its record; computing it again", folder
+        )
         return None
     return arrays, valid, record
 
 
-def features(store_root: Path, key_parts: dict, apply_fn, params, paths, cuts,
-             size: int, batch_size: int):
+def features(
+    store_root: Path,
+    key_parts: dict,
+    apply_fn,
+    params,
+    paths,
+    cuts,
+    size: int,
+    batch_size: int,
+):
     """Features at `cuts` for `paths`: reused from the store, or computed and stored.
 
     Returns (arrays by cut, valid mask, record), where the record says whether the
@@ -169,7 +187,9 @@ def features(store_root: Path, key_parts: dict, apply_fn, params, paths, cuts,
         arrays, valid, record = found
         return arrays, valid, {**record, "status": "reused"}
 
-    log.info("features: computing store %s (no finished store has this fingerprint)", folder)
+    log.info(
+        "features: computing store %s (no finished store has this fingerprint)", folder
+    )
     partial = folder.with_name(f"{key}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -177,8 +197,12 @@ def features(store_root: Path, key_parts: dict, apply_fn, params, paths, cuts,
     started = time.perf_counter()
     shapes, skipped = compute(partial, apply_fn, params, paths, cuts, size, batch_size)
     record = {
-        "fingerprint": key, "count": len(paths), "shapes": shapes, "skipped": skipped,
-        "seconds": round(time.perf_counter() - started, 2), "key": key_parts,
+        "fingerprint": key,
+        "count": len(paths),
+        "shapes": shapes,
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - started, 2),
+        "key": key_parts,
     }
     (partial / RECORD).write_text(json.dumps(record, indent=1))
 

@@ -29,16 +29,22 @@ class Layer:
     features: int = 0
 
 
-def network(arch: str, width: float = 1.0, num_classes: int = 1000) -> tuple[Layer, ...]:
+def network(
+    arch: str, width: float = 1.0, num_classes: int = 1000
+) -> tuple[Layer, ...]:
     """The layers of `arch` in order, with `width` scaling every conv and fc layer."""
     if arch not in BLOCK_DEPTHS:
-        raise ValueError(f"model.name: expected one of {sorted(BLOCK_DEPTHS)}, got {arch!r}")
+        raise ValueError(
+            f"model.name: expected one of {sorted(BLOCK_DEPTHS)}, got {arch!r}"
+        )
 
     def scaled(n):
         return max(1, round(n * width))
 
     layers = []
-    for block, (depth, features) in enumerate(zip(BLOCK_DEPTHS[arch], BLOCK_FEATURES), 1):
+    for block, (depth, features) in enumerate(
+        zip(BLOCK_DEPTHS[arch], BLOCK_FEATURES), 1
+    ):
         for i in range(1, depth + 1):
             layers.append(Layer(f"block{block}_conv{i}", "conv", scaled(features)))
         layers.append(Layer(f"block{block}_pool", "pool"))
@@ -73,7 +79,9 @@ def layer_range(arch: str, start: str | None, stop: str) -> list[str]:
     first = 0 if start is None else layer_index(arch, start, "start")
     last = layer_index(arch, stop, "stop")
     if first > last:
-        raise ValueError(f"layer range is empty: {start!r} comes after {stop!r} in {arch}")
+        raise ValueError(
+            f"layer range is empty: {start!r} comes after {stop!r} in {arch}"
+        )
     return names[first : last + 1]
 
 
@@ -82,7 +90,9 @@ def layer_after(arch: str, cut: str) -> str:
     names = layer_names(arch)
     index = layer_index(arch, cut)
     if index + 1 == len(names):
-        raise ValueError(f"cut: {cut!r} is the last layer of {arch}; nothing is left to train")
+        raise ValueError(
+            f"cut: {cut!r} is the last layer of {arch}; nothing is left to train"
+        )
     return names[index + 1]
 
 
@@ -97,7 +107,8 @@ class VGG(nn.Module):
 
     `capture` names layers whose outputs are returned as a dict (all of them must lie in
     the range); without it the output of `stop` is returned. `predictions` gives logits:
-    the softmax belongs to the loss.
+    the softmax belongs to the loss. `dropout` acts after fc1 and fc2 when `train` is
+    true, as in VGG's own ImageNet training; Keras's models leave it out.
     """
 
     arch: str = "vgg19"
@@ -106,29 +117,41 @@ class VGG(nn.Module):
     start: str | None = None
     stop: str = "predictions"
     capture: tuple[str, ...] = ()
+    dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array):
-        layers = {layer.name: layer for layer in network(self.arch, self.width, self.num_classes)}
+    def __call__(self, x: jax.Array, train: bool = False):
+        layers = {
+            layer.name: layer
+            for layer in network(self.arch, self.width, self.num_classes)
+        }
         names = layer_range(self.arch, self.start, self.stop)
         captured = {}
 
         for name in names:
             x = self.apply_layer(layers[name], x)
+            if name in ("fc1", "fc2") and self.dropout > 0:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
             if name in self.capture:
                 captured[name] = x
 
         missing = set(self.capture) - set(captured)
         if missing:
-            raise ValueError(f"capture: layers {sorted(missing)} are outside {names[0]}..{names[-1]}")
+            raise ValueError(
+                f"capture: layers {sorted(missing)} are outside {names[0]}..{names[-1]}"
+            )
         return captured if self.capture else x
 
     def apply_layer(self, layer: Layer, x: jax.Array) -> jax.Array:
         if layer.kind == "conv":
             conv = nn.Conv(
-                layer.features, (3, 3), padding="SAME", dtype=self.dtype,
-                kernel_init=KERNEL_INIT, name=layer.name,
+                layer.features,
+                (3, 3),
+                padding="SAME",
+                dtype=self.dtype,
+                kernel_init=KERNEL_INIT,
+                name=layer.name,
             )
             return nn.relu(conv(x))
         if layer.kind == "pool":
@@ -137,6 +160,8 @@ class VGG(nn.Module):
             # NHWC flattened row-major is Keras's Flatten order, so fc1's kernel rows
             # from a Keras file line up without any permutation.
             return x.reshape((x.shape[0], -1))
-        dense = nn.Dense(layer.features, dtype=self.dtype, kernel_init=KERNEL_INIT, name=layer.name)
+        dense = nn.Dense(
+            layer.features, dtype=self.dtype, kernel_init=KERNEL_INIT, name=layer.name
+        )
         y = dense(x)
         return y if layer.name == "predictions" else nn.relu(y)

@@ -22,7 +22,9 @@ def start(workdir: str | Path, config) -> Path:
     (folder / "metrics.jsonl").write_text("")
 
     handler = logging.FileHandler(folder / "log.txt", mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     logging.getLogger().addHandler(handler)
     return folder
 

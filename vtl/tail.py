@@ -11,13 +11,19 @@ import optax
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = {"rmsprop": optax.rmsprop, "adam": optax.adam, "sgd": optax.sgd,
-              "adamw": optax.adamw}
+OPTIMIZERS = {
+    "rmsprop": optax.rmsprop,
+    "adam": optax.adam,
+    "sgd": optax.sgd,
+    "adamw": optax.adamw,
+}
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
     if name not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer: expected one of {sorted(OPTIMIZERS)}, got {name!r}")
+        raise ValueError(
+            f"train.optimizer: expected one of {sorted(OPTIMIZERS)}, got {name!r}"
+        )
     return OPTIMIZERS[name](learning_rate)
 
 
@@ -30,24 +36,26 @@ def batches(count: int, batch_size: int, rng: np.random.Generator | None):
     for start in range(0, count, batch_size):
         index = order[start : start + batch_size]
         weight = np.ones(batch_size, np.float32)
-        weight[len(index):] = 0
+        weight[len(index) :] = 0
         yield np.pad(index, (0, batch_size - len(index))), weight
 
 
 def make_steps(apply_fn, optimizer):
     """Jitted train and eval steps over features held on the device."""
-    def loss_fn(params, inputs, labels, weight):
-        logits = apply_fn({"params": params}, inputs)
+
+    def loss_fn(params, inputs, labels, weight, key=None):
+        rngs = {"dropout": key} if key is not None else {}
+        logits = apply_fn({"params": params}, inputs, train=key is not None, rngs=rngs)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return (losses * weight).sum() / weight.sum(), logits
 
     # Parameters and optimizer state are donated: the update writes them in place
     # instead of holding two copies of fc1 and its state.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, features, labels, index, weight):
+    def train_step(params, opt_state, features, labels, index, weight, key):
         inputs, targets = features[index], labels[index]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, logits), grads = grad_fn(params, inputs, targets, weight)
+        (loss, logits), grads = grad_fn(params, inputs, targets, weight, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         correct = ((logits.argmax(-1) == targets) * weight).sum()
@@ -89,27 +97,45 @@ def train(apply_fn, params, train_set, test_set, config, on_epoch=None):
     train_x, train_y = jnp.asarray(train_set[0]), jnp.asarray(train_set[1])
     test_x, test_y = jnp.asarray(test_set[0]), jnp.asarray(test_set[1])
     rng = np.random.default_rng(config.seed)
+    key = jax.random.key(config.seed)
     history = []
 
     for epoch in range(1, config.train.epochs + 1):
         started = time.perf_counter()
         loss_sum, correct = 0.0, 0.0
         for index, weight in batches(len(train_y), batch_size, rng):
+            key, step_key = jax.random.split(key)
             params, opt_state, loss, right = train_step(
-                params, opt_state, train_x, train_y, index, weight)
+                params, opt_state, train_x, train_y, index, weight, step_key
+            )
             loss_sum, correct = loss_sum + loss, correct + right
         train_loss = float(loss_sum) / len(train_y)
         train_accuracy = float(correct) / len(train_y)
         seconds = time.perf_counter() - started
 
-        test_loss, test_accuracy, _ = evaluate(eval_step, params, test_x, test_y, batch_size)
-        row = {"epoch": epoch, "loss": round(train_loss, 6),
-               "accuracy": round(train_accuracy, 6), "test_loss": round(test_loss, 6),
-               "test_accuracy": round(test_accuracy, 6), "seconds": round(seconds, 3)}
+        test_loss, test_accuracy, _ = evaluate(
+            eval_step, params, test_x, test_y, batch_size
+        )
+        row = {
+            "epoch": epoch,
+            "loss": round(train_loss, 6),
+            "accuracy": round(train_accuracy, 6),
+            "test_loss": round(test_loss, 6),
+            "test_accuracy": round(test_accuracy, 6),
+            "seconds": round(seconds, 3),
+        }
         history.append(row)
-        log.info("epoch %d/%d  loss %.4f  accuracy %.4f  test_loss %.4f  "
-                 "test_accuracy %.4f  %.2f s", epoch, config.train.epochs, train_loss,
-                 train_accuracy, test_loss, test_accuracy, seconds)
+        log.info(
+            "epoch %d/%d  loss %.4f  accuracy %.4f  test_loss %.4f  "
+            "test_accuracy %.4f  %.2f s",
+            epoch,
+            config.train.epochs,
+            train_loss,
+            train_accuracy,
+            test_loss,
+            test_accuracy,
+            seconds,
+        )
         if on_epoch is not None:
             on_epoch(row)
 

@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from vtl import build, config as configs, data, features, run, tail
+from vtl import build, data, features, run, tail
+from vtl import config as configs
 
 log = logging.getLogger("vtl.train")
 
@@ -37,8 +38,13 @@ def cached_features(config, dataset: data.Dataset, split: build.Split):
         return split.trunk.apply({"params": params}, images)
 
     arrays, valid, record = features.features(
-        config.features.dir, feature_key(config, dataset, split), trunk_fn,
-        split.trunk_params, dataset.paths(), [cut], config.data.image_size,
+        config.features.dir,
+        feature_key(config, dataset, split),
+        trunk_fn,
+        split.trunk_params,
+        dataset.paths(),
+        [cut],
+        config.data.image_size,
         config.features.batch_size,
     )
     return arrays[cut], valid, record
@@ -61,11 +67,14 @@ def main(experiment: str, overrides: list[str]) -> dict:
         return time.perf_counter()
 
     clock = time.perf_counter()
-    dataset = data.load_folder_dataset(config.data.root, config.data.test_fraction,
-                                       config.seed)
+    dataset = data.load_folder_dataset(
+        config.data.root, config.data.test_fraction, config.seed
+    )
     if len(dataset.test) == 0:
-        raise ValueError("data.test_fraction is 0 and there is no ROOT/test folder: "
-                         "nothing to evaluate on")
+        raise ValueError(
+            "data.test_fraction is 0 and there is no ROOT/test folder: "
+            "nothing to evaluate on"
+        )
     run.write_json(folder / "classes.json", dataset.classes)
     data.save_split(dataset, folder / "split.json")
     clock = stage("data", clock)
@@ -76,14 +85,21 @@ def main(experiment: str, overrides: list[str]) -> dict:
     cut_features, valid, record = cached_features(config, dataset, split)
     skipped = [dataset.files[i] for i in np.flatnonzero(~valid)]
     if skipped:
-        log.warning("%d files could not be decoded and were skipped: %s", len(skipped), skipped)
+        log.warning(
+            "%d files could not be decoded and were skipped: %s", len(skipped), skipped
+        )
     clock = stage("trunk", clock)
 
     train_set = subset(dataset.train, valid, cut_features, dataset.labels)
     test_set = subset(dataset.test, valid, cut_features, dataset.labels)
     params, history, probabilities = tail.train(
-        split.tail.apply, split.tail_params, train_set, test_set, config,
-        on_epoch=lambda row: run.append_metrics(folder, row))
+        split.tail.apply,
+        split.tail_params,
+        train_set,
+        test_set,
+        config,
+        on_epoch=lambda row: run.append_metrics(folder, row),
+    )
     clock = stage("train", clock)
 
     run.save_params(folder, params)
@@ -94,26 +110,42 @@ def main(experiment: str, overrides: list[str]) -> dict:
         "test_loss": history[-1]["test_loss"],
         "train_accuracy": history[-1]["accuracy"],
         "classes": dataset.classes,
-        "confusion_matrix": run.confusion_matrix(test_set[1], predicted,
-                                                 len(dataset.classes)),
-        "counts": {"train": len(train_set[1]), "test": len(test_set[1]),
-                   "skipped": len(skipped)},
+        "confusion_matrix": run.confusion_matrix(
+            test_set[1], predicted, len(dataset.classes)
+        ),
+        "counts": {
+            "train": len(train_set[1]),
+            "test": len(test_set[1]),
+            "skipped": len(skipped),
+        },
         "skipped_files": skipped,
         "fresh_layers": split.fresh_layers,
-        "feature_store": {"status": record["status"], "fingerprint": record["fingerprint"]},
+        "feature_store": {
+            "status": record["status"],
+            "fingerprint": record["fingerprint"],
+        },
         "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in history])), 3),
     }
     stage("save", clock)
     summary["stages"] = {**stages, "total": round(time.perf_counter() - started, 2)}
     run.write_json(folder / "summary.json", summary)
-    log.info("test accuracy %.4f (%d/%d); run folder %s", summary["test_accuracy"],
-             int((predicted == test_set[1]).sum()), len(predicted), folder)
+    log.info(
+        "test accuracy %.4f (%d/%d); run folder %s",
+        summary["test_accuracy"],
+        int((predicted == test_set[1]).sum()),
+        len(predicted),
+        folder,
+    )
     return summary
 
 
 def cli(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     # Orbax and JAX report every checkpoint step at INFO; the run's own lines matter.
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 KERAS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications"
 WEIGHTS_DIR_ENV = "VTL_WEIGHTS_DIR"
 OFFLINE_ENV = "VTL_OFFLINE"
+FALSE_WORDS = ("", "0", "false", "no", "off")
 
 
 def imagenet_filename(arch: str, include_top: bool) -> str:
@@ -36,8 +37,18 @@ def weight_folders() -> list[Path]:
     return folders
 
 
+def offline() -> bool:
+    """Whether $VTL_OFFLINE forbids downloads; "0", "false", "no" leave them allowed."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in FALSE_WORDS
+
+
 def find_imagenet_file(arch: str, need_top: bool) -> Path:
-    """Path of the ImageNet weights for `arch`, fetched through Keras when absent."""
+    """Path of the ImageNet weights for `arch`, fetched through Keras when absent.
+
+    Folders are searched in the order of `weight_folders`. In each, the full file is
+    taken first (it has the conv layers too); the `_notop` file is enough only when
+    `need_top` is false.
+    """
     names = [imagenet_filename(arch, True)]
     if not need_top:
         names.append(imagenet_filename(arch, False))
@@ -47,31 +58,43 @@ def find_imagenet_file(arch: str, need_top: bool) -> Path:
             if (folder / name).is_file():
                 return folder / name
 
-    return fetch_imagenet_file(arch, names[-1])
+    return fetch_imagenet_file(arch, names)
 
 
-def fetch_imagenet_file(arch: str, name: str) -> Path:
-    """Download an ImageNet file with Keras, or say exactly how to provide it."""
-    looked = ", ".join(str(folder / name) for folder in weight_folders())
+def fetch_imagenet_file(arch: str, names: list[str]) -> Path:
+    """Download an ImageNet file with Keras, or say exactly how to provide it.
+
+    `names` are the acceptable files, best first; the last one is downloaded.
+    """
+    name = names[-1]
+    folders = " and ".join(str(folder) for folder in weight_folders())
+    looked = f"looked for {' or '.join(names)} in {folders}"
     how = (
-        f"Download {KERAS_ORIGIN}/{arch}/{name} on a machine that is online and put it "
-        f"in one of those folders (or in a folder named by ${WEIGHTS_DIR_ENV}), or set "
-        f"model.weights to the path of a Keras weights file."
+        f"Download {KERAS_ORIGIN}/{arch}/{name} on a machine that is online and put "
+        f"it in one of those folders (or in a folder named by ${WEIGHTS_DIR_ENV}), or "
+        f"set model.weights to the path of a Keras weights file."
     )
-    if os.environ.get(OFFLINE_ENV):
-        raise FileNotFoundError(f"ImageNet weights not found: looked for {looked}. "
-                                f"${OFFLINE_ENV} is set, so nothing was downloaded. {how}")
+    if offline():
+        raise FileNotFoundError(
+            f"ImageNet weights not found: {looked}. ${OFFLINE_ENV} "
+            f"is set, so nothing was downloaded. {how}"
+        )
     try:
         from keras.utils import get_file
     except ImportError:
-        raise FileNotFoundError(f"ImageNet weights not found: looked for {looked}, and "
-                                f"Keras is not installed to fetch them. {how}") from None
+        raise FileNotFoundError(
+            f"ImageNet weights not found: {looked}, and Keras is "
+            f"not installed to fetch them. {how}"
+        ) from None
 
     try:
-        return Path(get_file(name, f"{KERAS_ORIGIN}/{arch}/{name}", cache_subdir="models"))
+        origin = f"{KERAS_ORIGIN}/{arch}/{name}"
+        return Path(get_file(name, origin, cache_subdir="models"))
     except Exception as error:
-        raise FileNotFoundError(f"ImageNet weights not found: looked for {looked}, and "
-                                f"fetching them failed ({error}). {how}") from None
+        raise FileNotFoundError(
+            f"ImageNet weights not found: {looked}, and fetching "
+            f"them failed ({error}). {how}"
+        ) from None
 
 
 def text(value) -> str:
@@ -88,86 +111,154 @@ def read_keras_h5(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file does not exist")
+        raise FileNotFoundError(f"{path}: weights file does not exist or is not a file")
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path}: not an HDF5 file; expected Keras weights (.h5)")
 
-    with h5py.File(path, "r") as file:
-        root = file["model_weights"] if "model_weights" in file else file
-        if "layer_names" in root.attrs:
-            return read_legacy_layout(root)
-        if "layers" in root and isinstance(root["layers"], h5py.Group):
-            return read_keras3_layout(root["layers"])
-    raise ValueError(f"{path}: HDF5 file holds no Keras weights "
-                     f"(no 'layer_names' attribute and no 'layers' group)")
+    try:
+        with h5py.File(path, "r") as file:
+            root = file["model_weights"] if "model_weights" in file else file
+            if "layer_names" in root.attrs:
+                return read_legacy_layout(root, str(path))
+            if isinstance(root.get("layers"), h5py.Group):
+                return read_keras3_layout(root["layers"], str(path))
+    except OSError as error:
+        raise ValueError(f"{path}: HDF5 file cannot be read ({error})") from None
+    raise ValueError(
+        f"{path}: HDF5 file holds no Keras weights "
+        f"(no 'layer_names' attribute and no 'layers' group)"
+    )
 
 
-def read_legacy_layout(root: h5py.Group) -> dict[str, list[np.ndarray]]:
+def read_legacy_layout(root: h5py.Group, source: str) -> dict[str, list[np.ndarray]]:
+    """Layers listed by `layer_names`, each group listing its `weight_names`."""
     layers = {}
     for name in map(text, root.attrs["layer_names"]):
-        group = root[name]
+        group = root.get(name)
+        if not isinstance(group, h5py.Group):
+            raise ValueError(
+                f"{source}: layer {name} is listed in layer_names but the "
+                f"file has no group {root.name.rstrip('/')}/{name}"
+            )
         weight_names = [text(w) for w in group.attrs.get("weight_names", [])]
+        missing = [
+            w for w in weight_names if not isinstance(group.get(w), h5py.Dataset)
+        ]
+        if missing:
+            raise ValueError(
+                f"{source}: layer {name} lists weights {weight_names} but "
+                f"the file lacks the datasets {missing}"
+            )
         if weight_names:
             layers[name] = [np.asarray(group[w]) for w in weight_names]
     return layers
 
 
-def read_keras3_layout(root: h5py.Group) -> dict[str, list[np.ndarray]]:
+def read_keras3_layout(root: h5py.Group, source: str) -> dict[str, list[np.ndarray]]:
+    """Layers of a Keras 3 `.weights.h5` file, by their Keras layer names.
+
+    Keras 3 names each group after the layer's class (`conv2d_3`) and keeps the layer
+    name in the `name` attribute of its `vars` group, so the attribute wins.
+    """
     layers = {}
-    for name, group in root.items():
-        variables = group.get("vars")
-        if variables is not None and len(variables):
-            layers[name] = [np.asarray(variables[k]) for k in sorted(variables, key=int)]
+    for key, group in root.items():
+        variables = group.get("vars") if isinstance(group, h5py.Group) else None
+        if variables is None or not len(variables):
+            continue
+        name = text(variables.attrs.get("name", key))
+        if name in layers:
+            raise ValueError(
+                f"{source}: two groups under 'layers' hold weights of "
+                f"a layer named {name}; expected one"
+            )
+        layers[name] = [np.asarray(variables[k]) for k in sorted(variables, key=int)]
     return layers
 
 
-def other_arch(arch: str) -> str:
-    return "vgg16" if arch == "vgg19" else "vgg19"
+def file_architecture(layers: dict) -> str | None:
+    """The VGG a file's layers belong to ("vgg16", "vgg19"), or None if unclear.
+
+    Only VGG19 has the `blockN_conv4` layers. A file that has a conv layer of block 4
+    or 5 but none of them is a VGG16; a file cut before block 4 is ambiguous.
+    """
+    vgg16 = set(model.weighted_layers("vgg16"))
+    only_vgg19 = set(model.weighted_layers("vgg19")) - vgg16
+    if only_vgg19 & set(layers):
+        return "vgg19"
+    late_convs = {name for name in vgg16 if name.startswith(("block4", "block5"))}
+    if late_convs & set(layers):
+        return "vgg16"
+    return None
 
 
 def check_architecture(layers: dict, arch: str, source: str) -> None:
     """Refuse a file of the other VGG before any shape is compared."""
-    ours = set(model.weighted_layers(arch))
-    theirs = set(model.weighted_layers(other_arch(arch)))
-    foreign = sorted((theirs - ours) & set(layers))
-    lacking = sorted((ours - theirs) - set(layers))
-    convs_present = any(name.startswith("block") for name in layers)
-    if foreign or (lacking and convs_present):
-        raise ValueError(
-            f"{source}: this is a {other_arch(arch).upper()} file but model.name is "
-            f"{arch!r} (file has {foreign or 'no'} {arch}-foreign layers, lacks "
-            f"{lacking}); set model.name={other_arch(arch)} or use {arch} weights"
-        )
+    found = file_architecture(layers)
+    if found is None or found == arch:
+        return
+    vgg16 = set(model.weighted_layers("vgg16"))
+    conv4 = sorted(set(model.weighted_layers("vgg19")) - vgg16)
+    evidence = (
+        f"it has {sorted(set(conv4) & set(layers))}"
+        if found == "vgg19"
+        else f"it has block4/block5 convs but none of {conv4}"
+    )
+    raise ValueError(
+        f"{source}: expected {arch.upper()} weights, found a {found.upper()} file "
+        f"({evidence}); set model.name={found} or use {arch} weights"
+    )
 
 
-def assign(params: dict, layers: dict, arch: str, source: str,
-           replace: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+def assign(
+    params: dict,
+    layers: dict,
+    arch: str,
+    source: str,
+    replace: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+):
     """Copy file weights into the Flax `params` tree, strictly.
 
     Layers in `replace` keep their fresh initialisation; layers in `optional` do so
-    when the file lacks them. Every other layer of `params` must be in the file with
-    the same shapes. Returns the new tree and the names that were initialised.
+    when the file lacks them or holds another shape (fc1 at another image size). Every
+    other layer of `params` must be in the file with the same shapes. Returns the new
+    tree and the names that were initialised.
     """
     check_architecture(layers, arch, source)
     loaded, fresh, problems = {}, [], []
 
     for name, leaves in params.items():
-        if name in replace or (name in optional and name not in layers):
-            loaded[name], _ = leaves, fresh.append(name)
+        problem = (
+            shape_problem(leaves, layers[name])
+            if name in layers
+            else "missing from the file"
+        )
+        if name in replace or (name in optional and problem):
+            loaded[name] = leaves
+            fresh.append(name)
+            if name in optional:
+                log.info("layer %s: %s, so it starts fresh", name, problem)
             continue
-        if name not in layers:
-            problems.append(f"{name}: missing from the file")
+        if problem:
+            problems.append(f"{name}: {problem}")
             continue
-        arrays = layers[name]
-        expected = [leaves["kernel"].shape, leaves["bias"].shape]
-        found = [a.shape for a in arrays]
-        if found != [tuple(s) for s in expected]:
-            problems.append(f"{name}: expected kernel and bias {expected}, found {found}")
-            continue
-        loaded[name] = {"kernel": arrays[0], "bias": arrays[1]}
+        loaded[name] = {
+            key: np.asarray(array, leaves[key].dtype)
+            for key, array in zip(("kernel", "bias"), layers[name])
+        }
 
     if problems:
-        raise ValueError(f"{source}: weights do not fit {arch}:\n  " + "\n  ".join(problems))
+        listing = "\n  ".join(problems)
+        raise ValueError(f"{source}: weights do not fit {arch}:\n  {listing}")
     for name in fresh:
         log.info("layer %s: freshly initialised, not loaded from %s", name, source)
     return loaded, fresh
+
+
+def shape_problem(leaves: dict, arrays: list) -> str | None:
+    """Why the file's arrays of a layer do not fit its kernel and bias, or None."""
+    expected = [tuple(leaves["kernel"].shape), tuple(leaves["bias"].shape)]
+    found = [tuple(array.shape) for array in arrays]
+    if found == expected:
+        return None
+    return f"expected kernel and bias of shapes {expected}, found {found}"
