@@ -129,3 +129,46 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
     assert "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5" in result.stderr
     assert str(tmp_path / "weights") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_two_stages_write_each_stage(first_run, tmp_path):
+    _, work, overrides = first_run
+    folder = tmp_path / "two"
+    summary = train.main(
+        EXPERIMENT,
+        [
+            overrides[0],
+            f"workdir={folder}",
+            overrides[2],
+            "finetune.cut=block4_pool",
+            "finetune.epochs=2",
+            "finetune.batch_size=8",
+            "finetune.learning_rate=1e-3",
+        ],
+    )
+    assert set(summary["stage_results"]) == {"cached", "finetune"}
+    assert summary["stage_results"]["finetune"]["cut"] == "block4_pool"
+    assert summary["feature_store"]["status"] == "reused"
+    for name in ("metrics.jsonl", "loss.png", "checkpoint", "stage.json"):
+        assert (folder / "finetune" / name).exists(), name
+    stage = json.loads((folder / "finetune" / "stage.json").read_text())
+    assert stage["layers"][:3] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    rows = (folder / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+    assert summary["stages"]["finetune"] > 0
+
+
+def test_end_to_end_mode_learns(tmp_path):
+    root = write_class_folders(tmp_path / "photos", per_class=8)
+    summary = train.main(
+        EXPERIMENT,
+        [
+            f"data.root={root}",
+            f"workdir={tmp_path / 'run'}",
+            "train.mode=end_to_end",
+            "train.epochs=20",
+            "augment.crop_min_scale=0.8",
+        ],
+    )
+    assert summary["feature_store"] is None
+    assert summary["stage_results"]["end_to_end"]["test_accuracy"] == 1.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from vtl import features, model, weights
+from vtl import convert, model, weights
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,21 @@ class Split:
 
 
 def weights_file(config) -> Path | None:
-    """The weights file a config names, or None for random initialisation."""
+    """The Keras weights file or converted folder a config names; None for random."""
     source = config.model.weights
     if source == "none":
         return None
     if source == "imagenet":
-        need_top = config.model.fc_weights == "file"
+        # A cut at fc1 or fc2 freezes that layer, so it must come from the file too.
+        need_top = config.model.fc_weights == "file" or config.model.cut in FC_LAYERS
         return weights.find_imagenet_file(config.model.name, need_top)
-    return Path(source).expanduser()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.weights: {path} does not exist; expected imagenet, none, a Keras "
+            f"weights file (.h5, .weights.h5, .keras) or a folder from vtl.convert"
+        )
+    return path
 
 
 def fc_rules(config, tail_layers):
@@ -94,7 +101,7 @@ def split_network(config, num_classes: int) -> Split:
             {"source": "none", "seed": config.seed},
         )
 
-    layers = weights.read_keras_h5(path)
+    layers, source_digest = convert.read_source(path, arch)
     trunk_shapes = jax.eval_shape(trunk.init, key_trunk, image)["params"]
     trunk_params, _ = weights.assign(trunk_shapes, layers, arch, str(path))
     tail_params, fresh = weights.assign(
@@ -106,5 +113,6 @@ def split_network(config, num_classes: int) -> Split:
         len(trunk_params) + len(tail_params) - len(fresh),
         fresh,
     )
-    key = {"source": "file", "sha256": features.file_digest(path)}
+    # A converted folder keys the store by its Keras file, so the two share a store.
+    key = {"source": "file", "sha256": source_digest}
     return Split(trunk, trunk_params, tail, tail_params, feature_shape, fresh, key)

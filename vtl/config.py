@@ -88,6 +88,8 @@ def defaults() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.root = ""
     config.data.test_fraction = 0.1
+    # The split has its own seed, so runs that vary `seed` share one test set.
+    config.data.split_seed = 0
     config.data.image_size = 224
 
     config.model = ml_collections.ConfigDict()
@@ -103,6 +105,11 @@ def defaults() -> ml_collections.ConfigDict:
     config.features = ml_collections.ConfigDict()
     config.features.dir = "~/.cache/vtl/features"
     config.features.batch_size = 32
+    # How features are stored: "float32", or "float16" / "bfloat16" for half the disk;
+    # the tail reads them back as float32 either way.
+    config.features.dtype = "float32"
+    # Layers before model.cut to store too, in the same trunk pass, for a depth sweep.
+    config.features.extra_cuts = ()
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 100
@@ -111,4 +118,24 @@ def defaults() -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-4
     # Dropout after fc1 and fc2, as VGG was trained on ImageNet; 0 turns it off.
     config.train.dropout = 0.5
+    # "cached": the tail trains on stored trunk features (fast); "end_to_end": images
+    # go through the frozen trunk at every step, so augmentation can act.
+    config.train.mode = "cached"
+    # Training state is saved this often (in epochs) so a killed run can continue.
+    config.train.checkpoint_every = 10
+
+    # Augmentation acts wherever images are read during training (end to end only).
+    config.augment = ml_collections.ConfigDict()
+    config.augment.flip = True
+    # Random resized crop keeps this much of the area at least; 1.0 turns it off.
+    config.augment.crop_min_scale = 0.6
+
+    # An optional second stage: from the first stage's tail, move the cut earlier
+    # (for example to block4_pool) and train end to end at a lower learning rate.
+    config.finetune = ml_collections.ConfigDict()
+    config.finetune.cut = ""
+    config.finetune.epochs = 5
+    config.finetune.batch_size = 32
+    config.finetune.optimizer = "rmsprop"
+    config.finetune.learning_rate = 1e-5
     return config

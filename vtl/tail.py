@@ -2,12 +2,15 @@
 
 import functools
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +43,55 @@ def batches(count: int, batch_size: int, rng: np.random.Generator | None):
         yield np.pad(index, (0, batch_size - len(index))), weight
 
 
-def make_steps(apply_fn, optimizer):
-    """Jitted train and eval steps over features held on the device."""
+def tail_forward(apply_fn):
+    """A forward function over cached features: the tail alone, nothing frozen."""
 
-    def loss_fn(params, inputs, labels, weight, key=None):
+    def forward(params, frozen, inputs, key):
         rngs = {"dropout": key} if key is not None else {}
-        logits = apply_fn({"params": params}, inputs, train=key is not None, rngs=rngs)
+        return apply_fn({"params": params}, inputs, train=key is not None, rngs=rngs)
+
+    return forward
+
+
+def make_steps(forward, optimizer):
+    """Jitted train and eval steps; `forward(params, frozen, inputs, key)` -> logits.
+
+    Only `params` is differentiated and updated; `frozen` (the trunk, when the tail
+    reads images) goes in as a plain argument, so no gradient is computed for it.
+    """
+
+    def loss_fn(params, frozen, inputs, labels, weight, key=None):
+        logits = forward(params, frozen, inputs, key)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return (losses * weight).sum() / weight.sum(), logits
 
     # Parameters and optimizer state are donated: the update writes them in place
     # instead of holding two copies of fc1 and its state.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, features, labels, index, weight, key):
+    def train_step(params, opt_state, frozen, features, labels, index, weight, key):
         inputs, targets = features[index], labels[index]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, logits), grads = grad_fn(params, inputs, targets, weight, key)
+        (loss, logits), grads = grad_fn(params, frozen, inputs, targets, weight, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         correct = ((logits.argmax(-1) == targets) * weight).sum()
         return params, opt_state, loss * weight.sum(), correct
 
     @jax.jit
-    def eval_step(params, features, labels, index, weight):
+    def eval_step(params, frozen, features, labels, index, weight):
         inputs, targets = features[index], labels[index]
-        loss, logits = loss_fn(params, inputs, targets, weight)
+        loss, logits = loss_fn(params, frozen, inputs, targets, weight)
         return loss * weight.sum(), jax.nn.softmax(logits)
 
     return train_step, eval_step
 
 
-def evaluate(eval_step, params, features, labels, batch_size: int):
+def evaluate(eval_step, params, frozen, features, labels, batch_size: int):
     """Mean loss, accuracy and per-image probabilities over a whole set."""
     total, probabilities = 0.0, []
     count = len(labels)
     for index, weight in batches(count, batch_size, None):
-        loss, probs = eval_step(params, features, labels, index, weight)
+        loss, probs = eval_step(params, frozen, features, labels, index, weight)
         total += float(loss)
         probabilities.append(np.asarray(probs)[weight > 0])
     probabilities = np.concatenate(probabilities)
@@ -83,61 +99,159 @@ def evaluate(eval_step, params, features, labels, batch_size: int):
     return total / count, accuracy, probabilities
 
 
-def train(apply_fn, params, train_set, test_set, config, on_epoch=None):
-    """Train the tail for `config.train.epochs`; returns the params and the history.
+def fit(
+    forward,
+    params,
+    frozen,
+    train_batches,
+    test_set,
+    hyper,
+    seed,
+    on_epoch=None,
+    resume=None,
+):
+    """The epoch loop both modes share; returns params, history and test probabilities.
 
-    `train_set` and `test_set` are (features, labels) pairs of numpy arrays.
+    `train_batches(epoch)` yields (features, labels, index, weight) on the device;
+    `test_set` is (inputs, labels) on the device; `hyper` holds epochs, batch_size,
+    optimizer and learning_rate. With `resume` (a `Resume`), the loop saves its state
+    every few epochs and continues from the last save when started again.
     """
-    optimizer = make_optimizer(config.train.optimizer, config.train.learning_rate)
-    train_step, eval_step = make_steps(apply_fn, optimizer)
+    optimizer = make_optimizer(hyper.optimizer, hyper.learning_rate)
+    train_step, eval_step = make_steps(forward, optimizer)
     opt_state = optimizer.init(params)
-    batch_size = config.train.batch_size
-
-    # The whole cached set goes to the device once; each step gathers its batch there.
-    train_x, train_y = jnp.asarray(train_set[0]), jnp.asarray(train_set[1])
-    test_x, test_y = jnp.asarray(test_set[0]), jnp.asarray(test_set[1])
-    rng = np.random.default_rng(config.seed)
-    key = jax.random.key(config.seed)
     history = []
+    if resume is not None:
+        params, opt_state, history = resume.restore(params, opt_state)
+        for row in history:
+            on_epoch is not None and on_epoch(row)
 
-    for epoch in range(1, config.train.epochs + 1):
+    for epoch in range(len(history) + 1, hyper.epochs + 1):
         started = time.perf_counter()
-        loss_sum, correct = 0.0, 0.0
-        for index, weight in batches(len(train_y), batch_size, rng):
+        # Keys and shuffles derive from (seed, epoch), so a resumed run draws the same.
+        key = jax.random.fold_in(jax.random.key(seed), epoch)
+        loss_sum, correct, count = 0.0, 0.0, 0.0
+        for features, labels, index, weight in train_batches(epoch):
             key, step_key = jax.random.split(key)
             params, opt_state, loss, right = train_step(
-                params, opt_state, train_x, train_y, index, weight, step_key
+                params, opt_state, frozen, features, labels, index, weight, step_key
             )
             loss_sum, correct = loss_sum + loss, correct + right
-        train_loss = float(loss_sum) / len(train_y)
-        train_accuracy = float(correct) / len(train_y)
+            count += float(weight.sum())
         seconds = time.perf_counter() - started
 
         test_loss, test_accuracy, _ = evaluate(
-            eval_step, params, test_x, test_y, batch_size
+            eval_step, params, frozen, *test_set, hyper.batch_size
         )
         row = {
             "epoch": epoch,
-            "loss": round(train_loss, 6),
-            "accuracy": round(train_accuracy, 6),
+            "loss": round(float(loss_sum) / count, 6),
+            "accuracy": round(float(correct) / count, 6),
             "test_loss": round(test_loss, 6),
             "test_accuracy": round(test_accuracy, 6),
             "seconds": round(seconds, 3),
         }
         history.append(row)
-        log.info(
-            "epoch %d/%d  loss %.4f  accuracy %.4f  test_loss %.4f  "
-            "test_accuracy %.4f  %.2f s",
-            epoch,
-            config.train.epochs,
-            train_loss,
-            train_accuracy,
-            test_loss,
-            test_accuracy,
-            seconds,
-        )
+        log_epoch(row, hyper.epochs)
         if on_epoch is not None:
             on_epoch(row)
+        if resume is not None:
+            resume.save(epoch, params, opt_state, history, last=epoch == hyper.epochs)
 
-    _, _, probabilities = evaluate(eval_step, params, test_x, test_y, batch_size)
+    _, _, probabilities = evaluate(
+        eval_step, params, frozen, *test_set, hyper.batch_size
+    )
+    if resume is not None:
+        resume.finish()
     return params, history, probabilities
+
+
+class Resume:
+    """Training state saved every `every` epochs under `folder`, for a killed run.
+
+    `identity` names what is being trained (the resolved config and the stage); a
+    saved state of another identity is discarded, never continued.
+    """
+
+    def __init__(self, folder: Path, identity: str, every: int):
+        self.folder, self.identity, self.every = Path(folder), identity, every
+        options = ocp.CheckpointManagerOptions(max_to_keep=1)
+        self.manager = ocp.CheckpointManager(self.folder, options=options)
+
+    def restore(self, params, opt_state):
+        step = self.manager.latest_step()
+        if step is None:
+            return params, opt_state, []
+        meta = self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        if meta.get("identity") != self.identity:
+            log.info(
+                "training state in %s is of another config; starting over", self.folder
+            )
+            self.manager.delete(step)
+            return params, opt_state, []
+
+        target = {"params": params, "opt_state": opt_state}
+        state = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+        log.info("resuming after epoch %d from %s", step, self.folder)
+        return state["params"], state["opt_state"], meta["history"][:step]
+
+    def save(self, epoch, params, opt_state, history, last=False):
+        if epoch % self.every and not last:
+            return
+        # Host copies: the next step donates the device buffers while orbax writes.
+        state = jax.tree.map(np.array, {"params": params, "opt_state": opt_state})
+        # A copy: orbax writes in the background while the loop appends rows.
+        meta = {"identity": self.identity, "history": [dict(r) for r in history]}
+        self.manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def finish(self):
+        """Training is complete: the run's checkpoint holds the result."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def log_epoch(row: dict, epochs: int) -> None:
+    """One line per epoch with the figures that matter."""
+    figures = "  ".join(
+        f"{name} {row[name]:.4f}"
+        for name in ("loss", "accuracy", "test_loss", "test_accuracy")
+    )
+    log.info("epoch %d/%d  %s  %.2f s", row["epoch"], epochs, figures, row["seconds"])
+
+
+def train(apply_fn, params, train_set, test_set, config, on_epoch=None, resume=None):
+    """Train the tail on cached features for `config.train.epochs`.
+
+    `train_set` and `test_set` are (features, labels) pairs of numpy arrays.
+    """
+    # The whole cached set goes to the device once; each step gathers its batch there.
+    train_x, train_y = jnp.asarray(train_set[0]), jnp.asarray(train_set[1])
+    test = jnp.asarray(test_set[0]), jnp.asarray(test_set[1])
+
+    def train_batches(epoch):
+        rng = np.random.default_rng([config.seed, epoch])
+        for index, weight in batches(len(train_y), config.train.batch_size, rng):
+            yield train_x, train_y, index, weight
+
+    forward = tail_forward(apply_fn)
+    return fit(
+        forward,
+        params,
+        {},
+        train_batches,
+        test,
+        config.train,
+        config.seed,
+        on_epoch,
+        resume,
+    )

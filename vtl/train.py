@@ -7,35 +7,46 @@ Everything the run produces goes to one run folder, `config.workdir`.
 import logging
 import sys
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 
-from vtl import build, data, features, run, tail
+from vtl import build, data, features, finetune, model, run, tail
 from vtl import config as configs
 
 log = logging.getLogger("vtl.train")
 
 
 def feature_key(config, dataset: data.Dataset, split: build.Split) -> dict:
-    """Everything that changes the trunk's outputs, for the store's fingerprint."""
+    """Everything but the cut that changes the trunk's outputs, for the fingerprint."""
     return {
         "weights": split.weights_key,
         "arch": config.model.name,
         "width": config.model.width,
-        "cuts": [config.model.cut],
         "image_size": config.data.image_size,
         "preprocessing": data.PREPROCESSING,
-        "dtype": "float32",
+        "compute_dtype": np.dtype(split.trunk.dtype).name,
         "files": features.dataset_digest(dataset.paths(), dataset.files),
     }
 
 
 def cached_features(config, dataset: data.Dataset, split: build.Split):
-    """Trunk outputs at the cut for every image, from the store or a fresh pass."""
+    """Trunk outputs at the cut for every image (float32), from the store or a pass."""
     cut = config.model.cut
+    extra = [name for name in config.features.extra_cuts if name != cut]
+    frozen = model.layer_range(config.model.name, None, cut)
+    beyond = [name for name in extra if name not in frozen]
+    if beyond:
+        raise ValueError(
+            f"features.extra_cuts: {beyond} are not in the trunk, which ends at "
+            f"model.cut={cut}; expected layers among {frozen}"
+        )
+    # One pass stores every cut; a later run cut at one of them reuses the store.
+    trunk = split.trunk.clone(capture=(cut, *extra))
 
     def trunk_fn(params, images):
-        return split.trunk.apply({"params": params}, images)
+        return trunk.apply({"params": params}, images)
 
     arrays, valid, record = features.features(
         config.features.dir,
@@ -43,11 +54,12 @@ def cached_features(config, dataset: data.Dataset, split: build.Split):
         trunk_fn,
         split.trunk_params,
         dataset.paths(),
-        [cut],
+        [cut, *extra],
         config.data.image_size,
         config.features.batch_size,
+        config.features.dtype,
     )
-    return arrays[cut], valid, record
+    return features.as_float32(arrays[cut]), valid, record
 
 
 def subset(indices, valid, features_at_cut, labels):
@@ -56,19 +68,26 @@ def subset(indices, valid, features_at_cut, labels):
     return np.asarray(features_at_cut[kept]), np.asarray(labels[kept])
 
 
-def main(experiment: str, overrides: list[str]) -> dict:
-    """Run one experiment end to end and return its summary."""
-    config = configs.resolve(experiment, overrides)
-    folder = run.start(config.workdir, config)
-    stages, started = {}, time.perf_counter()
+class Clock:
+    """Wall time of each named stage of a run."""
 
-    def stage(name, since):
-        stages[name] = round(time.perf_counter() - since, 2)
-        return time.perf_counter()
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+        self.stages = {}
 
-    clock = time.perf_counter()
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = round(now - self.last, 2)
+        self.last = now
+
+    def total(self) -> dict:
+        return {**self.stages, "total": round(time.perf_counter() - self.started, 2)}
+
+
+def load_dataset(config, folder) -> data.Dataset:
+    """The photos, their classes and split, saved to the run folder."""
     dataset = data.load_folder_dataset(
-        config.data.root, config.data.test_fraction, config.seed
+        config.data.root, config.data.test_fraction, config.data.split_seed
     )
     if len(dataset.test) == 0:
         raise ValueError(
@@ -77,18 +96,29 @@ def main(experiment: str, overrides: list[str]) -> dict:
         )
     run.write_json(folder / "classes.json", dataset.classes)
     data.save_split(dataset, folder / "split.json")
-    clock = stage("data", clock)
+    return dataset
 
-    split = build.split_network(config, len(dataset.classes))
-    clock = stage("weights", clock)
 
-    cut_features, valid, record = cached_features(config, dataset, split)
+def report_skipped(dataset: data.Dataset, valid: np.ndarray) -> list[str]:
     skipped = [dataset.files[i] for i in np.flatnonzero(~valid)]
     if skipped:
         log.warning(
             "%d files could not be decoded and were skipped: %s", len(skipped), skipped
         )
-    clock = stage("trunk", clock)
+    return skipped
+
+
+def resumable(config, folder, stage: str) -> tail.Resume:
+    """Training state in the run folder, tied to this exact config and stage."""
+    identity = features.fingerprint({"config": config.to_dict(), "stage": stage})
+    return tail.Resume(folder / "train_state", identity, config.train.checkpoint_every)
+
+
+def head_stage(config, dataset, split, folder, clock) -> dict:
+    """Trunk once (or the feature store), then the tail on the stored features."""
+    cut_features, valid, record = cached_features(config, dataset, split)
+    skipped = report_skipped(dataset, valid)
+    clock.lap("trunk")
 
     train_set = subset(dataset.train, valid, cut_features, dataset.labels)
     test_set = subset(dataset.test, valid, cut_features, dataset.labels)
@@ -99,56 +129,186 @@ def main(experiment: str, overrides: list[str]) -> dict:
         test_set,
         config,
         on_epoch=lambda row: run.append_metrics(folder, row),
+        resume=resumable(config, folder, config.train.mode),
     )
-    clock = stage("train", clock)
+    clock.lap("train")
+    feature_store = {"status": record["status"], "fingerprint": record["fingerprint"]}
+    return {
+        "params": params,
+        "whole": {**split.trunk_params, **params},
+        "cut": config.model.cut,
+        "history": history,
+        "probabilities": probabilities,
+        "kept_test": dataset.test[valid[dataset.test]],
+        "skipped": skipped,
+        "train_count": len(train_set[1]),
+        "feature_store": feature_store,
+    }
 
-    run.save_params(folder, params)
-    run.plot_history(folder, history)
-    predicted = probabilities.argmax(-1)
-    summary = {
-        "test_accuracy": float((predicted == test_set[1]).mean()),
+
+def end_to_end_stage(config, dataset, held, params, cut, hyper, folder, clock, name):
+    """Every layer after `cut` trained through the frozen trunk, images augmented."""
+    images, valid = held
+    skipped = report_skipped(dataset, valid)
+    train_index = dataset.train[valid[dataset.train]]
+    test_index = dataset.test[valid[dataset.test]]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    # Test photos are read exactly as the trunk pass reads them, not from the
+    # rounded uint8 copies that augmentation works on.
+    paths, size = dataset.paths(), config.data.image_size
+    test_images = np.stack([data.load_image(paths[i], size) for i in test_index])
+    test_set = test_images, dataset.labels[test_index]
+    whole, history, probabilities = finetune.train(
+        config,
+        params,
+        cut,
+        hyper,
+        images,
+        dataset.labels,
+        train_index,
+        test_set,
+        on_epoch=lambda row: run.append_metrics(folder, row),
+        resume=resumable(config, folder, name),
+    )
+    clock.lap(name)
+    _, trained = finetune.split_params(config.model.name, whole, cut)
+    return {
+        "params": trained,
+        "whole": whole,
+        "cut": cut,
+        "history": history,
+        "probabilities": probabilities,
+        "kept_test": test_index,
+        "skipped": skipped,
+        "train_count": len(train_index),
+    }
+
+
+def finish_stage(folder, dataset, result) -> dict:
+    """Checkpoint, plots and test results of one stage; its part of the summary."""
+    run.save_params(folder, result["params"])
+    run.write_json(
+        folder / "stage.json",
+        {"cut": result["cut"], "layers": sorted(result["params"])},
+    )
+    run.plot_history(folder, result["history"])
+    run.save_test_results(folder, dataset, result["kept_test"], result["probabilities"])
+
+    labels = dataset.labels[result["kept_test"]]
+    predicted = result["probabilities"].argmax(-1)
+    history = result["history"]
+    return {
+        "test_accuracy": float((predicted == labels).mean()),
+        "test_correct": int((predicted == labels).sum()),
         "test_loss": history[-1]["test_loss"],
         "train_accuracy": history[-1]["accuracy"],
-        "classes": dataset.classes,
-        "confusion_matrix": run.confusion_matrix(
-            test_set[1], predicted, len(dataset.classes)
+        "cut": result["cut"],
+        "trainable_parameters": int(
+            sum(np.size(leaf) for leaf in jax.tree.leaves(result["params"]))
         ),
-        "counts": {
-            "train": len(train_set[1]),
-            "test": len(test_set[1]),
-            "skipped": len(skipped),
-        },
-        "skipped_files": skipped,
-        "fresh_layers": split.fresh_layers,
-        "feature_store": {
-            "status": record["status"],
-            "fingerprint": record["fingerprint"],
-        },
+        "confusion_matrix": run.confusion_matrix(
+            labels, predicted, len(dataset.classes)
+        ),
         "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in history])), 3),
     }
-    stage("save", clock)
-    summary["stages"] = {**stages, "total": round(time.perf_counter() - started, 2)}
+
+
+def absolute_paths(config) -> None:
+    """Make the config's paths absolute, so the saved config works from anywhere."""
+
+    def absolute(text):
+        return str(Path(text).expanduser().resolve())
+
+    if config.data.root:
+        config.data.root = absolute(config.data.root)
+    if config.model.weights not in ("imagenet", "none"):
+        config.model.weights = absolute(config.model.weights)
+    config.features.dir = absolute(config.features.dir)
+
+
+def main(experiment: str, overrides: list[str]) -> dict:
+    """Run one experiment end to end and return its summary."""
+    config = configs.resolve(experiment, overrides)
+    if config.train.mode not in ("cached", "end_to_end"):
+        raise ValueError(
+            f"train.mode: expected cached or end_to_end, got {config.train.mode!r}"
+        )
+    absolute_paths(config)
+    folder = run.start(config.workdir, config)
+    clock = Clock()
+
+    dataset = load_dataset(config, folder)
+    clock.lap("data")
+    split = build.split_network(config, len(dataset.classes))
+    clock.lap("weights")
+
+    held = None
+    if config.train.mode == "cached":
+        first = head_stage(config, dataset, split, folder, clock)
+    else:
+        held = finetune.hold_images(dataset.paths(), config.data.image_size)
+        clock.lap("decode")
+        whole = {**split.trunk_params, **split.tail_params}
+        first = end_to_end_stage(
+            config,
+            dataset,
+            held,
+            whole,
+            config.model.cut,
+            config.train,
+            folder,
+            clock,
+            "train",
+        )
+    results = {config.train.mode: finish_stage(folder, dataset, first)}
+    final = first
+
+    if config.finetune.cut:
+        held = held or finetune.hold_images(dataset.paths(), config.data.image_size)
+        final = end_to_end_stage(
+            config,
+            dataset,
+            held,
+            first["whole"],
+            config.finetune.cut,
+            config.finetune,
+            folder / "finetune",
+            clock,
+            "finetune",
+        )
+        results["finetune"] = finish_stage(folder / "finetune", dataset, final)
+    clock.lap("save")
+
+    last = list(results.values())[-1]
+    summary = {
+        **last,
+        "classes": dataset.classes,
+        "counts": {
+            "train": final["train_count"],
+            "test": len(final["kept_test"]),
+            "skipped": len(final["skipped"]),
+        },
+        "skipped_files": final["skipped"],
+        "fresh_layers": split.fresh_layers,
+        "weights": split.weights_key,
+        "feature_store": first.get("feature_store"),
+        "stage_results": results,
+        "stages": clock.total(),
+    }
     run.write_json(folder / "summary.json", summary)
     log.info(
         "test accuracy %.4f (%d/%d); run folder %s",
-        summary["test_accuracy"],
-        int((predicted == test_set[1]).sum()),
-        len(predicted),
+        last["test_accuracy"],
+        last["test_correct"],
+        len(final["kept_test"]),
         folder,
     )
     return summary
 
 
 def cli(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-    # Orbax and JAX report every checkpoint step at INFO; the run's own lines matter.
-    for noisy in ("absl", "orbax", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run.configure_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
