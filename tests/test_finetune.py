@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from vtl import config as configs
@@ -76,7 +75,7 @@ def test_cut_at_input_trains_every_layer():
 
 
 def settings(flip=True, crop_min_scale=0.5):
-    return ml_collections.ConfigDict({"flip": flip, "crop_min_scale": crop_min_scale})
+    return configs.Config({"flip": flip, "crop_min_scale": crop_min_scale})
 
 
 def test_augmentation_is_reproducible_from_the_seed():

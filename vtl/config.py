@@ -6,12 +6,61 @@ the field already has, so a typo or a wrong type stops the run before any work.
 
 import ast
 import importlib.util
+import json
 from pathlib import Path
 
-import ml_collections
+
+class Config:
+    """Nested fields with attribute access: what an experiment's get_config() returns.
+
+    A dict given as a value becomes a nested Config; `to_dict` gives plain data back.
+    """
+
+    def __init__(self, fields: dict | None = None):
+        object.__setattr__(self, "_fields", {})
+        for name, value in (fields or {}).items():
+            self[name] = value
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_fields":
+            raise AttributeError(name)
+        try:
+            return self._fields[name]
+        except KeyError:
+            known = sorted(self._fields)
+            raise AttributeError(
+                f"config has no field {name!r}; it has {known}"
+            ) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+    def __getitem__(self, name: str):
+        return self._fields[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        self._fields[name] = Config(value) if isinstance(value, dict) else value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._fields
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def keys(self):
+        return self._fields.keys()
+
+    def to_dict(self) -> dict:
+        return {
+            name: value.to_dict() if isinstance(value, Config) else value
+            for name, value in self._fields.items()
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
 
 
-def load_experiment(path: str | Path) -> ml_collections.ConfigDict:
+def load_experiment(path: str | Path) -> Config:
     """Import an experiment file and return its `get_config()`."""
     path = Path(path)
     if not path.is_file():
@@ -47,7 +96,7 @@ def parse_value(text: str, current, field: str):
     return text
 
 
-def override(config: ml_collections.ConfigDict, assignment: str) -> None:
+def override(config: Config, assignment: str) -> None:
     """Apply one `dotted.field=value` to `config`, refusing unknown fields."""
     if "=" not in assignment:
         raise ValueError(f"override {assignment!r}: expected dotted.field=value")
@@ -56,7 +105,7 @@ def override(config: ml_collections.ConfigDict, assignment: str) -> None:
 
     node = config
     for depth, part in enumerate(parents):
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        if part not in node or not isinstance(node[part], Config):
             known = sorted(node.keys())
             where = ".".join(parents[:depth]) or "the config"
             raise KeyError(
@@ -71,7 +120,7 @@ def override(config: ml_collections.ConfigDict, assignment: str) -> None:
     node[leaf] = parse_value(text, node[leaf], field)
 
 
-def resolve(path: str | Path, overrides: list[str]) -> ml_collections.ConfigDict:
+def resolve(path: str | Path, overrides: list[str]) -> Config:
     """The experiment's config with every override applied."""
     config = load_experiment(path)
     for assignment in overrides:
@@ -79,20 +128,28 @@ def resolve(path: str | Path, overrides: list[str]) -> ml_collections.ConfigDict
     return config
 
 
-def defaults() -> ml_collections.ConfigDict:
+def defaults() -> Config:
     """Every field vtl reads, with the Keras recipe's values where it has them."""
-    config = ml_collections.ConfigDict()
+    config = Config()
     config.workdir = "runs/default"
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict()
+    config.data = Config()
     config.data.root = ""
     config.data.test_fraction = 0.1
     # The split has its own seed, so runs that vary `seed` share one test set.
     config.data.split_seed = 0
     config.data.image_size = 224
+    # "folder" reads data.root; "tfds:NAME" a prepared tensorflow-datasets dataset,
+    # whose examples are written once as PNG files under data.root (or a cache).
+    config.data.source = "folder"
+    config.data.tfds_train_split = "train"
+    # Empty: hold out data.test_fraction of the training split, as for a folder.
+    config.data.tfds_test_split = ""
+    # Empty: $TFDS_DATA_DIR or ~/tensorflow_datasets, where tfds prepares datasets.
+    config.data.tfds_dir = ""
 
-    config.model = ml_collections.ConfigDict()
+    config.model = Config()
     config.model.name = "vgg19"
     # "imagenet" (the Keras cache file), "none" (random) or the path of a weights file.
     config.model.weights = "imagenet"
@@ -102,7 +159,7 @@ def defaults() -> ml_collections.ConfigDict:
     # "fresh" always initialises them anew.
     config.model.fc_weights = "auto"
 
-    config.features = ml_collections.ConfigDict()
+    config.features = Config()
     config.features.dir = "~/.cache/vtl/features"
     config.features.batch_size = 32
     # How features are stored: "float32", or "float16" / "bfloat16" for half the disk;
@@ -111,7 +168,7 @@ def defaults() -> ml_collections.ConfigDict:
     # Layers before model.cut to store too, in the same trunk pass, for a depth sweep.
     config.features.extra_cuts = ()
 
-    config.train = ml_collections.ConfigDict()
+    config.train = Config()
     config.train.epochs = 100
     config.train.batch_size = 32
     config.train.optimizer = "rmsprop"
@@ -125,14 +182,14 @@ def defaults() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 10
 
     # Augmentation acts wherever images are read during training (end to end only).
-    config.augment = ml_collections.ConfigDict()
+    config.augment = Config()
     config.augment.flip = True
     # Random resized crop keeps this much of the area at least; 1.0 turns it off.
     config.augment.crop_min_scale = 0.6
 
     # An optional second stage: from the first stage's tail, move the cut earlier
     # (for example to block4_pool) and train end to end at a lower learning rate.
-    config.finetune = ml_collections.ConfigDict()
+    config.finetune = Config()
     config.finetune.cut = ""
     config.finetune.epochs = 5
     config.finetune.batch_size = 32

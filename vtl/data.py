@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The type and CRC of the IEND chunk, which closes every complete PNG.
+PNG_END = b"IEND\xaeB`\x82"
+JPEG_START, JPEG_END, JPEG_SCAN = b"\xff\xd8", b"\xff\xd9", 0xDA
 TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
 
 # keras.applications.vgg19.preprocess_input ("caffe" mode): BGR order, the ImageNet
@@ -57,16 +60,39 @@ class Dataset:
 
 
 def is_hidden(path: Path) -> bool:
-    # Covers .DS_Store, .ipynb_checkpoints/ and the ._name.jpg files macOS leaves.
-    return path.name.startswith(".")
+    # Covers .DS_Store, .ipynb_checkpoints/ and the ._name.jpg files macOS leaves,
+    # and the __MACOSX/ folder of resource forks that unzipping a Mac archive leaves.
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
+def is_broken_link(path: Path) -> bool:
+    """Whether `path` is a symbolic link that dangles or loops; each one is logged."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.stat()
+    except OSError as error:
+        log.warning(
+            "%s: skipped, a symbolic link that cannot be followed (%s)",
+            path,
+            error.strerror,
+        )
+        return True
+    return False
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, by suffix (any case), hidden ones skipped."""
+    """Image files directly in `folder`, by suffix (any case), hidden ones skipped.
+
+    Symbolic links are followed; one that dangles or loops is logged and skipped.
+    """
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not is_hidden(p) and p.suffix.lower() in IMAGE_SUFFIXES
+        if not is_hidden(p)
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not is_broken_link(p)
+        and p.is_file()
     )
 
 
@@ -78,7 +104,11 @@ def list_class_folders(root: Path) -> list[Path]:
     """
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: {root} is not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p))
+    folders = sorted(
+        p
+        for p in root.iterdir()
+        if not is_hidden(p) and not is_broken_link(p) and p.is_dir()
+    )
     if not folders:
         raise ValueError(
             f"data.root: {root} has no class folders; expected ROOT/<class>/<image>"
@@ -173,6 +203,47 @@ def may_have_alpha(data: bytes) -> bool:
     return webp or data.startswith((PNG_SIGNATURE, *TIFF_SIGNATURES))
 
 
+def jpeg_reaches_its_end(data: bytes) -> bool:
+    """Whether a JPEG's end marker follows its first scan (the image data).
+
+    The segments before the scan are skipped by their lengths, so the end marker of
+    a thumbnail inside the Exif segment does not count.
+    """
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # Fill bytes may pad a marker.
+            position += 1
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == JPEG_SCAN:
+            return data.find(JPEG_END, position) >= 0
+    # Stopping at a byte that is not a marker is damage, not an early end: the
+    # decoder judges it.
+    return position + 4 <= len(data)
+
+
+def truncation(data: bytes) -> str | None:
+    """Why the bytes of a JPEG or PNG look cut short, or None when they do not."""
+    # Checked here, not left to OpenCV: some of its versions fill the missing part
+    # of a JPEG with grey and return it with only a warning on stderr.
+    if data.startswith(PNG_SIGNATURE) and PNG_END not in data:
+        return f"truncated PNG: its {len(data)} bytes end before the IEND chunk"
+    if data.startswith(JPEG_START) and not jpeg_reaches_its_end(data):
+        return f"truncated JPEG: its {len(data)} bytes end before the end marker"
+    return None
+
+
+def opencv_failure(error: cv2.error) -> str:
+    """What an exception from cv2.imdecode means, in words."""
+    if "CV_IO_MAX_IMAGE_PIXELS" in error.err:
+        return (
+            "the image has more pixels than OpenCV decodes (2^30 by default; the "
+            "environment variable CV_IO_MAX_IMAGE_PIXELS raises the limit)"
+        )
+    return f"OpenCV failed to decode it ({error.err})"
+
+
 def decode(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Bytes of a JPEG, PNG, … -> float32 RGB in [0, 255], scaled by their bit depth.
 
@@ -181,6 +252,9 @@ def decode(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """
     if not data:
         raise ImageError(f"{source}: file is empty (0 bytes)")
+    cut = truncation(data)
+    if cut:
+        raise ImageError(f"{source}: {cut}; was a copy or download interrupted?")
 
     # Formats that can carry alpha are read unchanged, which also keeps 16-bit depth;
     # the rest (JPEG above all) as colour, so that OpenCV applies EXIF orientation.
@@ -193,38 +267,44 @@ def decode(data: bytes, source: str = "<bytes>") -> np.ndarray:
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as error:
-        message = f"{source}: OpenCV failed to decode it ({error.err})"
-        raise ImageError(message) from None
+        raise ImageError(f"{source}: {opencv_failure(error)}") from None
     if image is None:
         raise ImageError(
             f"{source}: not a readable image (OpenCV could not decode "
             f"{len(data)} bytes starting {data[:8]!r})"
         )
-    return np.ascontiguousarray(to_rgb(to_float(image), source))
+    return to_rgb(image, source)
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
-    """Unsigned pixels -> float32 in [0, 255]; other types are taken as they are."""
-    # Multiplying before dividing keeps 16-bit multiples of 257 exact (257 * k -> k).
-    if image.dtype.kind != "u":
-        return image.astype(np.float32)
-    return image.astype(np.float32) * 255.0 / np.iinfo(image.dtype).max
+    """Pixels -> a new C-ordered float32 array; unsigned ones scaled to [0, 255]."""
+    pixels = image.astype(np.float32, order="C")
+    # 8-bit values are already in range. Multiplying before dividing keeps 16-bit
+    # multiples of 257 exact (257 * k -> k); in place, a large photo is not copied.
+    if image.dtype.kind == "u" and image.dtype != np.uint8:
+        pixels *= 255.0
+        pixels /= np.iinfo(image.dtype).max
+    return pixels
 
 
 def to_rgb(image: np.ndarray, source: str) -> np.ndarray:
-    """OpenCV's gray, gray+alpha, BGR or BGRA -> RGB, alpha composited over white."""
+    """OpenCV's gray, gray+alpha, BGR or BGRA -> float32 RGB, alpha over white."""
     if image.ndim == 2:
         image = image[:, :, None]
     channels = image.shape[2]
     if channels not in (1, 2, 3, 4):
         raise ImageError(f"{source}: expected 1 to 4 channels, found {channels}")
-    if channels <= 2:
-        image = np.concatenate([image[:, :, :1]] * 3 + [image[:, :, 1:]], axis=2)
 
-    if image.shape[2] == 4:
-        alpha = image[:, :, 3:] / 255.0
-        image = image[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
-    return image[:, :, ::-1]
+    # Channels are put in RGB order before widening to float32, so that a large photo
+    # costs a single float copy (648 MB at 9000×6000).
+    if channels == 3:
+        return to_float(image[:, :, ::-1])
+    order = {1: [0, 0, 0], 2: [0, 0, 0, 1], 4: [2, 1, 0, 3]}[channels]
+    pixels = to_float(image[:, :, order])
+    if pixels.shape[2] == 4:
+        alpha = pixels[:, :, 3:] / 255.0
+        pixels = pixels[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+    return pixels
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

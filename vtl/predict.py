@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
@@ -42,7 +41,7 @@ class Run:
 
     folder: Path
     stage: Path
-    config: ml_collections.ConfigDict
+    config: configs.Config
     classes: list[str]
     cut: str
     trunk: model.VGG | None
@@ -74,10 +73,10 @@ def merged(base: dict, saved: dict) -> dict:
     return result
 
 
-def read_config(folder: Path, weights: str | None) -> ml_collections.ConfigDict:
+def read_config(folder: Path, weights: str | None) -> configs.Config:
     """The run's resolved config; `weights` replaces model.weights when given."""
     saved = read_json(folder / "config.json", "resolved config")
-    config = ml_collections.ConfigDict(merged(configs.defaults().to_dict(), saved))
+    config = configs.Config(merged(configs.defaults().to_dict(), saved))
     if weights is not None:
         config.model.weights = weights
     return config

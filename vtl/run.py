@@ -38,14 +38,21 @@ def start(workdir: str | Path, config) -> Path:
     """Create the run folder, save the resolved config and log to a file there too."""
     folder = Path(workdir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(config.to_json_best_effort(indent=1))
+    (folder / "config.json").write_text(config.to_json(indent=1))
     (folder / "metrics.jsonl").write_text("")
 
+    # One run folder logs at a time: a second run in the same process (tests, the
+    # ablation) must not keep writing into the first one's log.
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "vtl_run_log", False)]:
+        root.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(folder / "log.txt", mode="w")
+    handler.vtl_run_log = True
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)
     return folder
 
 

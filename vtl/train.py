@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vtl import build, data, features, finetune, model, run, tail
+from vtl import build, data, features, finetune, model, run, tail, tfds_source
 from vtl import config as configs
 
 log = logging.getLogger("vtl.train")
@@ -20,7 +20,10 @@ log = logging.getLogger("vtl.train")
 
 def feature_key(config, dataset: data.Dataset, split: build.Split) -> dict:
     """Everything but the cut that changes the trunk's outputs, for the fingerprint."""
+    # A tfds source adds its name, version and splits; a folder's key stays as it was.
+    source = getattr(dataset, "source", None)
     return {
+        **({"source": source} if source else {}),
         "weights": split.weights_key,
         "arch": config.model.name,
         "width": config.model.width,
@@ -86,9 +89,16 @@ class Clock:
 
 def load_dataset(config, folder) -> data.Dataset:
     """The photos, their classes and split, saved to the run folder."""
-    dataset = data.load_folder_dataset(
-        config.data.root, config.data.test_fraction, config.data.split_seed
-    )
+    if config.data.source.startswith(tfds_source.PREFIX):
+        dataset = tfds_source.load_dataset(config)
+    elif config.data.source == "folder":
+        dataset = data.load_folder_dataset(
+            config.data.root, config.data.test_fraction, config.data.split_seed
+        )
+    else:
+        raise ValueError(
+            f"data.source: expected folder or tfds:NAME, found {config.data.source!r}"
+        )
     if len(dataset.test) == 0:
         raise ValueError(
             "data.test_fraction is 0 and there is no ROOT/test folder: "
