@@ -47,6 +47,13 @@ class Config:
     def __repr__(self) -> str:
         return f"Config({self.to_dict()!r})"
 
+    def update(self, fields: dict) -> None:
+        for name, value in fields.items():
+            self[name] = value
+
+    def get(self, name: str, default=None):
+        return self._fields.get(name, default)
+
     def keys(self):
         return self._fields.keys()
 

@@ -53,6 +53,9 @@ def start(workdir: str | Path, config) -> Path:
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root.addHandler(handler)
+    # The run's own INFO lines belong in its log even when no one configured logging.
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
     return folder
 
 

@@ -235,6 +235,8 @@ def absolute_paths(config) -> None:
     if config.model.weights not in ("imagenet", "none"):
         config.model.weights = absolute(config.model.weights)
     config.features.dir = absolute(config.features.dir)
+    if config.data.get("tfds_dir"):
+        config.data.tfds_dir = absolute(config.data.tfds_dir)
 
 
 def main(experiment: str, overrides: list[str]) -> dict:
