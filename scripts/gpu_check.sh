@@ -4,8 +4,9 @@
 #
 #   bash scripts/gpu_check.sh PHOTOS WEIGHTS.h5 [OUT]
 #
-# PHOTOS is a class-folder dataset (a shrunk copy travels well: scripts/shrink_photos.py),
-# WEIGHTS the VGG16 notop file. QUICK=1 shrinks every step to check the script on a CPU.
+# PHOTOS is a class-folder dataset (a shrunk copy travels well, made by
+# scripts/shrink_photos.py), WEIGHTS the VGG16 notop file. QUICK=1 shrinks every
+# step, to check the script itself on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 photos=${1:?photos folder}
@@ -15,11 +16,11 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${QUICK:-0}" = 1 ]; then
-  epochs=2; e2e_epochs=1; sizes=8; bench_size=32; width=0.25; seconds=1
+  epochs=2; e2e_epochs=1; sizes=8; bench_size=32; width=0.25; seconds=1; size=64
   tests="tests/test_model.py"
 else
   epochs=100; e2e_epochs=2; sizes=64,128,256; bench_size=224; width=1.0; seconds=10
-  tests=""
+  size=224; tests=""
 fi
 
 step() { echo "== $1 ($(date +%T))"; }
@@ -39,19 +40,20 @@ fi
 step "head job"
 /usr/bin/time -v python -m vtl.train experiments/vgg16_head.py data.root="$photos" \
   model.weights="$weights" train.epochs=$epochs workdir="$out/head" \
-  features.dir="$out/features" 2> "$out/head.log" | tail -2
+  data.image_size=$size features.dir="$out/features" 2> "$out/head.log" | tail -2
 grep -E "Maximum resident|test accuracy" "$out/head.log"
 
 step "head job, features reused"
 python -m vtl.train experiments/vgg16_head.py data.root="$photos" \
   model.weights="$weights" train.epochs=$epochs workdir="$out/head_warm" \
-  features.dir="$out/features" 2> "$out/head_warm.log"
+  data.image_size=$size features.dir="$out/features" 2> "$out/head_warm.log"
 grep -E "reused|test accuracy" "$out/head_warm.log"
 
 step "end to end"
 python -m vtl.train experiments/vgg16_head.py data.root="$photos" \
   model.weights="$weights" train.mode=end_to_end model.cut=block4_pool \
-  train.epochs=$e2e_epochs workdir="$out/e2e" 2> "$out/e2e.log"
+  train.epochs=$e2e_epochs workdir="$out/e2e" data.image_size=$size \
+  features.dir="$out/features" 2> "$out/e2e.log"
 grep -E "epoch|test accuracy" "$out/e2e.log"
 
 step "trunk throughput"
@@ -70,7 +72,8 @@ for name in ("head", "head_warm", "e2e"):
     path = out / name / "summary.json"
     if path.exists():
         s = json.loads(path.read_text())
-        print(f"{name:10s} test accuracy {s['test_accuracy']:.4f}  stages {s['stages']}")
+        accuracy = s["test_accuracy"]
+        print(f"{name:10s} test accuracy {accuracy:.4f}  stages {s['stages']}")
 for arch in ("vgg19", "vgg16"):
     path = out / f"bench_{arch}.txt"
     if path.exists():
