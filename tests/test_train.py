@@ -172,3 +172,10 @@ def test_end_to_end_mode_learns(tmp_path):
     )
     assert summary["feature_store"] is None
     assert summary["stage_results"]["end_to_end"]["test_accuracy"] == 1.0
+
+
+def test_missing_data_root_says_so(tmp_path):
+    result = run_cli(f"workdir={tmp_path}")
+    assert result.returncode == 1
+    assert "data.root: not set" in result.stderr
+    assert "Traceback" not in result.stderr

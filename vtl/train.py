@@ -92,6 +92,9 @@ def load_dataset(config, folder) -> data.Dataset:
     if config.data.source.startswith(tfds_source.PREFIX):
         dataset = tfds_source.load_dataset(config)
     elif config.data.source == "folder":
+        if not config.data.root:
+            raise ValueError("data.root: not set; expected the photo folder, as in "
+                             "data.root=PATH/TO/PHOTOS")
         dataset = data.load_folder_dataset(
             config.data.root, config.data.test_fraction, config.data.split_seed
         )

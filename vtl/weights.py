@@ -411,8 +411,8 @@ def assign(
         if name in replace or (name in optional and problem):
             loaded[name] = leaves
             fresh.append(name)
-            if name in optional:
-                log.info("layer %s: %s, so it starts fresh", name, problem)
+            reason = "replaced" if name in replace else problem
+            log.info("layer %s: freshly initialised (%s in %s)", name, reason, source)
             continue
         if problem:
             problems.append(f"{name}: {problem}")
@@ -428,8 +428,6 @@ def assign(
             f"{source}: weights do not fit {arch}:\n  {listing}"
             f"{notop_advice(layers, params, problems)}"
         )
-    for name in fresh:
-        log.info("layer %s: freshly initialised, not loaded from %s", name, source)
     return loaded, fresh
 
 
