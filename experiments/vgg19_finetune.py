@@ -10,8 +10,9 @@ The same with the VGG16 file:
 
 Stage 1 is the head job (100 epochs on stored block5_pool features, seconds per epoch
 on a CPU). Stage 2 runs images through block1..block4 at every step, so each epoch
-costs a trunk pass: about two minutes for 352 photos on a 2-core CPU. Expect stage 2
-to hold or slightly raise stage 1's test accuracy (about 0.9 on four vehicle classes).
+costs a trunk pass: 104 s for 352 photos on a 2-core CPU. Measured with the VGG16
+file on four vehicle classes (40 test photos), with train.epochs=30 and
+finetune.epochs=2: stage 1 reached 0.85 and stage 2 0.825, one photo apart.
 """
 
 from vtl.config import defaults

@@ -193,16 +193,22 @@ def main(argv) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    classes = data.load_folder_dataset(
+    dataset = data.load_folder_dataset(
         config.data.root, config.data.test_fraction, config.data.split_seed
-    ).classes
-    costs = {cut: tail_cost(config, cut, len(classes)) for cut in cuts}
-    print("expected cost per run (at an assumed %.0f GFLOP/s):" % ASSUMED_GFLOPS)
+    )
+    costs = {cut: tail_cost(config, cut, len(dataset.classes)) for cut in cuts}
+    print(
+        f"expected cost (at an assumed {ASSUMED_GFLOPS:.0f} GFLOP/s, "
+        f"{len(dataset.train)} training images):"
+    )
     for cut in cuts:
         count, gflop = costs[cut]
+        epoch = gflop * len(dataset.train) / ASSUMED_GFLOPS
+        total = epoch * budget[cut] * args.seeds
         print(
             f"  {cut:12s} {count:>12,} trainable parameters, {gflop:8.2f} GFLOP per "
-            f"image per epoch, {budget[cut]} epochs x {args.seeds} seeds"
+            f"image per epoch, about {epoch:.0f} s per epoch; {budget[cut]} epochs x "
+            f"{args.seeds} seeds: about {total / 60:.0f} min"
         )
 
     # The deepest cut's run computes the features of every cut in one trunk pass.
