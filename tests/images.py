@@ -22,3 +22,17 @@ def write_class_folders(root: Path, per_class: int = 8, size: int = 40, seed: in
             image = np.clip(np.array(shade) + noise, 0, 255).astype(np.uint8)
             cv2.imwrite(str(folder / f"{i:02d}.png"), image)
     return root
+
+
+def encode(suffix: str, image: np.ndarray, *params: int) -> bytes:
+    """OpenCV-encoded bytes of a BGR(A) or gray image."""
+    ok, buffer = cv2.imencode(suffix, image, list(params))
+    assert ok, f"OpenCV could not encode {suffix}"
+    return buffer.tobytes()
+
+
+def write(path: Path, content: bytes) -> Path:
+    """Write `content` to `path`, making its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path

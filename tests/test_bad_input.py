@@ -18,24 +18,13 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.images import encode, write
 from vtl import data, predict, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = str(Path(__file__).with_name("tiny_experiment.py"))
 # BGR, as OpenCV writes it.
 ORANGE_BGR = (40, 120, 200)
-
-
-def encode(suffix: str, image: np.ndarray, *params: int) -> bytes:
-    ok, buffer = cv2.imencode(suffix, image, list(params))
-    assert ok, f"OpenCV could not encode {suffix}"
-    return buffer.tobytes()
-
-
-def write(path: Path, content: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 def noisy_jpeg(seed: int = 0, shape=(24, 32)) -> bytes:

@@ -12,22 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.images import encode, write
 from vtl import data
 
 MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
-
-
-def encode(suffix: str, image: np.ndarray, *params: int) -> bytes:
-    """OpenCV-encoded bytes of a BGR(A) or gray image."""
-    ok, buffer = cv2.imencode(suffix, image, list(params))
-    assert ok, f"OpenCV could not encode {suffix}"
-    return buffer.tobytes()
-
-
-def write(path: Path, content: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return path
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
