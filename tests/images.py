@@ -36,3 +36,15 @@ def write(path: Path, content: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     return path
+
+
+# One opaque, one clear and one half-transparent pixel, and the RGB they must decode
+# to over white.
+ALPHA_PIXELS_BGRA = np.array(
+    [[[10, 20, 30, 255], [10, 20, 30, 0], [10, 20, 30, 128]]], np.uint8
+)
+ALPHA_PIXELS_OVER_WHITE = [
+    [30, 20, 10],
+    [255, 255, 255],
+    [c * 128 / 255 + 255 * (1 - 128 / 255) for c in (30, 20, 10)],
+]

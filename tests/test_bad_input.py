@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.images import encode, write
+from tests.images import ALPHA_PIXELS_BGRA, ALPHA_PIXELS_OVER_WHITE, encode, write
 from vtl import data, predict, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,16 +139,10 @@ def test_cmyk_jpeg_gives_rgb():
 
 
 def test_16_bit_png_with_alpha_is_composited_by_its_depth():
-    bgra = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [10, 20, 30, 128]]])
-    decoded = data.decode(encode(".png", (bgra * 257).astype(np.uint16)))
+    bgra = ALPHA_PIXELS_BGRA.astype(np.uint16) * 257
+    decoded = data.decode(encode(".png", bgra))
 
-    half = 128 / 255
-    expected = [
-        [30, 20, 10],
-        [255, 255, 255],
-        [c * half + 255 * (1 - half) for c in (30, 20, 10)],
-    ]
-    np.testing.assert_allclose(decoded[0], expected, atol=1e-3)
+    np.testing.assert_allclose(decoded[0], ALPHA_PIXELS_OVER_WHITE, atol=1e-3)
 
 
 # Names and folders.

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.images import encode, write
+from tests.images import ALPHA_PIXELS_BGRA, ALPHA_PIXELS_OVER_WHITE, encode, write
 from vtl import data
 
 MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
@@ -119,16 +119,9 @@ def test_jpeg_decodes_like_imread(tmp_path):
     ],
 )
 def test_alpha_is_composited_over_white(suffix, params):
-    bgra = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [10, 20, 30, 128]]], np.uint8)
-    decoded = data.decode(encode(suffix, bgra, *params), f"pixels{suffix}")
+    decoded = data.decode(encode(suffix, ALPHA_PIXELS_BGRA, *params), f"x{suffix}")
 
-    half = 128 / 255
-    expected = [
-        [30, 20, 10],
-        [255, 255, 255],
-        [c * half + 255 * (1 - half) for c in (30, 20, 10)],
-    ]
-    np.testing.assert_allclose(decoded[0], expected, atol=1e-3)
+    np.testing.assert_allclose(decoded[0], ALPHA_PIXELS_OVER_WHITE, atol=1e-3)
 
 
 def test_palette_png_with_transparency():
