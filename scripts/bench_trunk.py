@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtl import model
+from vtl import model, xla
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -30,6 +30,11 @@ def parse_arguments(argv):
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=10.0, help="time per setting")
     parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument(
+        "--xla-defaults",
+        action="store_true",
+        help="compile with XLA's own defaults instead of vtl's CPU options",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,7 +53,8 @@ def measure(args, batch_size: int, dtype_name: str) -> dict:
         jnp.float32,
     )
     params = trunk.init(jax.random.key(0), images[:1])
-    step = jax.jit(trunk.apply)
+    options = None if args.xla_defaults else xla.cpu_options("trunk")
+    step = jax.jit(trunk.apply, compiler_options=options)
     step(params, images).block_until_ready()
 
     calls, started = 0, time.perf_counter()

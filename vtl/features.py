@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from vtl import data
+from vtl import data, xla
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,11 @@ def compile_trunk(apply_fn, params, batch_size: int | None = None):
     replicated = NamedSharding(devices, PartitionSpec())
     sharded = NamedSharding(devices, PartitionSpec("data"))
     params = jax.device_put(params, replicated)
-    step = jax.jit(apply_fn, in_shardings=(replicated, sharded))
+    step = jax.jit(
+        apply_fn,
+        in_shardings=(replicated, sharded),
+        compiler_options=xla.cpu_options("trunk"),
+    )
     return step, params, sharded
 
 
