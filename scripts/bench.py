@@ -59,6 +59,11 @@ def parse_arguments(argv):
     parser.add_argument("--limit", type=int, default=0, help="photos per class")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="a results.json whose rows stand in for the peers not run this time",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -494,6 +499,8 @@ def main(argv) -> int:
         images = count_photos(args.photos)
         shutil.rmtree(scratch / "store", ignore_errors=True)
 
+    if args.reuse:
+        rows, rates = reuse(args.reuse, rows, rates)
     report = "\n\n".join([rate_table(rates), table(rows, images), ratios(rows, images)])
     print(report)
     if grown:
@@ -510,6 +517,18 @@ def main(argv) -> int:
         (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
         (args.out / "table.md").write_text(report + "\n")
     return 0
+
+
+def reuse(path: Path, rows: list[dict], rates: list[dict]):
+    """Rows of an earlier run for the peers this run left out, marked as reused."""
+    earlier = json.loads(path.read_text())
+    ran = {(row["peer"], row["precision"]) for row in rows}
+    kept = [
+        {**row, "reused_from": str(path)}
+        for row in earlier["rows"]
+        if (row["peer"], row["precision"]) not in ran
+    ]
+    return kept + rows, rates or earlier["trunk_rates"]
 
 
 def machine() -> str:

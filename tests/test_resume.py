@@ -26,6 +26,7 @@ def command(root, store, workdir):
         f"workdir={workdir}",
         "train.epochs=150",
         "train.checkpoint_every=5",
+        "train.checkpoint_minutes=0",
     ]
 
 

@@ -236,7 +236,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(row)
         if resume is not None:
-            resume.save(epoch, params, opt_state, history, last=epoch == hyper.epochs)
+            resume.save(epoch, params, opt_state, history)
 
     _, _, probabilities = evaluate(
         steps.eval, params, frozen, *test_set, hyper.batch_size
@@ -247,14 +247,18 @@ def fit(
 
 
 class Resume:
-    """Training state saved every `every` epochs under `folder`, for a killed run.
+    """Training state saved every `every` epochs (and `minutes`) under `folder`.
 
     `identity` names what is being trained (the resolved config and the stage); a
     saved state of another identity is discarded, never continued.
     """
 
-    def __init__(self, folder: Path, identity: str, every: int):
+    def __init__(self, folder: Path, identity: str, every: int, minutes: float = 0.0):
         self.folder, self.identity, self.every = Path(folder), identity, every
+        # A save of fc1 and its optimizer state writes about 1 GB: a short job would
+        # spend more time saving than it could ever lose to a kill.
+        self.interval = minutes * 60.0
+        self.last_save = time.perf_counter()
         options = ocp.CheckpointManagerOptions(max_to_keep=1)
         self.manager = ocp.CheckpointManager(self.folder, options=options)
 
@@ -279,9 +283,11 @@ class Resume:
         log.info("resuming after epoch %d from %s", step, self.folder)
         return state["params"], state["opt_state"], meta["history"][:step]
 
-    def save(self, epoch, params, opt_state, history, last=False):
-        if epoch % self.every and not last:
+    def save(self, epoch, params, opt_state, history):
+        """Save every `every` epochs, once `minutes` have passed since the last."""
+        if epoch % self.every or time.perf_counter() - self.last_save < self.interval:
             return
+        self.last_save = time.perf_counter()
         # Host copies: the next step donates the device buffers while orbax writes.
         state = jax.tree.map(np.array, {"params": params, "opt_state": opt_state})
         # A copy: orbax writes in the background while the loop appends rows.

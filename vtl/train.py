@@ -93,8 +93,10 @@ def load_dataset(config, folder) -> data.Dataset:
         dataset = tfds_source.load_dataset(config)
     elif config.data.source == "folder":
         if not config.data.root:
-            raise ValueError("data.root: not set; expected the photo folder, as in "
-                             "data.root=PATH/TO/PHOTOS")
+            raise ValueError(
+                "data.root: not set; expected the photo folder, as in "
+                "data.root=PATH/TO/PHOTOS"
+            )
         dataset = data.load_folder_dataset(
             config.data.root, config.data.test_fraction, config.data.split_seed
         )
@@ -124,7 +126,12 @@ def report_skipped(dataset: data.Dataset, valid: np.ndarray) -> list[str]:
 def resumable(config, folder, stage: str) -> tail.Resume:
     """Training state in the run folder, tied to this exact config and stage."""
     identity = features.fingerprint({"config": config.to_dict(), "stage": stage})
-    return tail.Resume(folder / "train_state", identity, config.train.checkpoint_every)
+    return tail.Resume(
+        folder / "train_state",
+        identity,
+        config.train.checkpoint_every,
+        config.train.checkpoint_minutes,
+    )
 
 
 def head_stage(config, dataset, split, folder, clock) -> dict:
