@@ -188,8 +188,8 @@ def defaults() -> Config:
     # Training state is saved this often (in epochs) so a killed run can continue.
     config.train.checkpoint_every = 10
     # ... but no sooner than this many minutes after the previous save (or the start):
-    # each save of the VGG head writes about 1 GB.
-    config.train.checkpoint_minutes = 2.0
+    # each save of the VGG head writes about 1 GB (16 s on a 2-core CPU).
+    config.train.checkpoint_minutes = 5.0
 
     # Augmentation acts wherever images are read during training (end to end only).
     config.augment = Config()
