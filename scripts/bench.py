@@ -38,6 +38,7 @@ SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 RESULT = "RESULT "
 JOB_EPOCHS = 100
+VTL_JOBS = ("vtl-cold", "vtl-warm")
 TRUNK_SECONDS = 20.0
 
 
@@ -188,46 +189,36 @@ def measure(args, child: str, precision: str = "float32") -> dict:
     }
 
 
+def vtl_job(args, name: str, scratch: Path, store: str, overrides) -> dict:
+    """One whole `vtl.train` run, timed from outside as a user would time it."""
+    workdir = scratch / name
+    command = vtl_command(args, workdir, scratch / store, overrides)
+    wall, usage = timed_process(command)
+    row = read_run(workdir)
+    extrapolated = row["epochs_run"] != JOB_EPOCHS
+    row.update(
+        peer=name,
+        precision="float32",
+        extrapolated=extrapolated,
+        job_seconds_100=extrapolate(row, wall) if extrapolated else wall,
+        peak_rss_gib=usage.ru_maxrss / 2**20,
+    )
+    return row
+
+
 def vtl_jobs(args, scratch: Path) -> list[dict]:
-    """vtl cold then warm, each a whole job, timed from outside like a user would."""
-    store = scratch / "store"
-    rows = []
-    for name in ("vtl-cold", "vtl-warm"):
-        workdir = scratch / name
-        command = vtl_command(args, workdir, store, [f"train.epochs={args.epochs}"])
-        wall, usage = timed_process(command)
-        row = read_run(workdir)
-        row.update(
-            peer=name,
-            precision="float32",
-            job_seconds_100=wall,
-            extrapolated=args.epochs != JOB_EPOCHS,
-            peak_rss_gib=usage.ru_maxrss / 2**20,
-        )
-        if row["extrapolated"]:
-            row["job_seconds_100"] = extrapolate(row, wall)
-        rows.append(row)
-    return rows
+    """vtl cold then warm: the second run finds the store the first one wrote."""
+    epochs = [f"train.epochs={args.epochs}"]
+    return [vtl_job(args, name, scratch, "store", epochs) for name in VTL_JOBS]
 
 
 def vtl_end_to_end(args, scratch: Path) -> dict:
-    workdir = scratch / "vtl-end-to-end"
     overrides = [
         "train.mode=end_to_end",
         f"train.epochs={args.peer_epochs}",
         "train.checkpoint_every=1000",
     ]
-    command = vtl_command(args, workdir, scratch / "store", overrides)
-    wall, usage = timed_process(command)
-    row = read_run(workdir)
-    row.update(
-        peer="vtl-end-to-end",
-        precision="float32",
-        extrapolated=True,
-        job_seconds_100=extrapolate(row, wall),
-        peak_rss_gib=usage.ru_maxrss / 2**20,
-    )
-    return row
+    return vtl_job(args, "vtl-end-to-end", scratch, "store", overrides)
 
 
 def extrapolate(row: dict, wall: float) -> float:
@@ -337,44 +328,19 @@ def scaling(args, scratch: Path) -> dict:
     """Cold job on a quarter of the photos, and head epochs at earlier cuts."""
     small = subset_folder(args.photos, 25, scratch / "photos100")
     quarter = argparse.Namespace(**{**vars(args), "photos": small})
-    workdir = scratch / "vtl-cold-100"
-    command = vtl_command(
-        quarter, workdir, scratch / "store100", [f"train.epochs={args.peer_epochs}"]
-    )
-    wall, _ = timed_process(command)
-    row = read_run(workdir)
+    epochs = [f"train.epochs={args.peer_epochs}"]
+    row = vtl_job(quarter, "vtl-cold-100", scratch, "store100", epochs)
     small_job = {
         "photos": 100,
         "trunk_seconds": row["trunk_seconds"],
         "epoch_seconds": row["epoch_seconds"],
-        "job_seconds_100": extrapolate(row, wall),
+        "job_seconds_100": row["job_seconds_100"],
     }
 
     cuts = {}
     for cut in ("block5_pool", "block5_conv2", "block4_pool"):
-        cuts[cut] = head_epoch_at(cut, args.peer_epochs, args.size)
+        cuts[cut] = measure(args, f"head-epoch:{cut}")["epoch_seconds"]
     return {"cold_100_photos": small_job, "head_epoch_by_cut": cuts}
-
-
-def head_epoch_at(cut: str, epochs: int, size: int) -> float:
-    """Median seconds of a head epoch with the tail starting after `cut`."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        f"head-epoch:{cut}",
-        "--photos",
-        ".",
-        "--peer-epochs",
-        str(epochs),
-        "--size",
-        str(size),
-    ]
-    output = subprocess.run(
-        command, cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    line = next(x for x in output.splitlines() if x.startswith(RESULT))
-    return json.loads(line[len(RESULT) :])["epoch_seconds"]
 
 
 def head_epoch_child(cut: str, epochs: int, size: int) -> dict:
